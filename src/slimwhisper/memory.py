@@ -1,0 +1,74 @@
+"""Analytic KV-cache sizes: what a (compressed) Whisper decoder holds per batch and token.
+
+Per decoder layer and token, an MHA module caches keys and values (2 * d_model numbers); an MLA
+module caches its latent and kept key dims (d_c + heads * r). The cross-attention cache holds the
+same per encoder frame (1500 per 30-s window), computed once per utterance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class KVCacheBytes:
+    """Cache bytes of the decoder: self attention (grows with tokens) and cross attention (per utterance)."""
+
+    self_attention: int
+    cross_attention: int
+
+    @property
+    def total(self) -> int:
+        return self.self_attention + self.cross_attention
+
+
+def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
+    """Numbers cached per token (self) or per encoder frame (cross), summed over decoder layers."""
+    layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
+    total = 0
+    for i in range(config.decoder_layers):
+        geometry = layers.get(f"model.decoder.layers.{i}.{module}")
+        if geometry is None:
+            total += 2 * config.d_model
+        else:
+            total += geometry["latent_dim"] + sum(len(row) for row in geometry["kept_dims"])
+    return total
+
+
+def kv_cache_bytes(
+    model_or_config: nn.Module | PretrainedConfig,
+    batch: int = 1,
+    tokens: int = 1,
+    dtype: torch.dtype = torch.float16,
+    encoder_frames: int | None = None,
+) -> KVCacheBytes:
+    """Bytes the decoder caches for `batch` utterances after `tokens` decoder positions.
+
+    Args:
+        model_or_config: a (compressed) Whisper model or its config.
+        dtype: cache dtype (fp16 is what a deployed model uses).
+        encoder_frames: cross-attention length; defaults to the config's max_source_positions (1500).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    frames = config.max_source_positions if encoder_frames is None else encoder_frames
+    self_bytes = batch * tokens * cached_numbers_per_token(config, "self_attn") * itemsize
+    cross_bytes = batch * frames * cached_numbers_per_token(config, "encoder_attn") * itemsize
+    return KVCacheBytes(self_attention=self_bytes, cross_attention=cross_bytes)
+
+
+def cache_bytes_held(cache) -> KVCacheBytes:
+    """Bytes actually held by an `EncoderDecoderCache` (self, cross), for checking the formula."""
+
+    def held(dynamic) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in dynamic.layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        )
+
+    return KVCacheBytes(held(cache.self_attention_cache), held(cache.cross_attention_cache))

@@ -1,0 +1,154 @@
+"""Convert Whisper attention modules to `WhisperMLAAttention` and rebuild them from saved geometry.
+
+`convert_mla(model, MLAConfig)` is the only place that touches the model tree for this method: it
+finds the target modules, measures calibration statistics when the recipe needs them, computes the
+new weights (small pure functions in `math.py`), and returns a `SlimWhisperForConditionalGeneration`
+whose config records the recipe and the exact geometry of every converted module.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+from ..calibration import CalibrationSource, calibration_audio, feature_batches
+from ..errors import SlimWhisperError
+from ..models import SlimWhisperConfig, SlimWhisperForConditionalGeneration, register_geometry
+from .calibrate import AttentionStats, collect_attention_stats
+from .config import MLAConfig
+from .math import factorize_kv, head_permutation, kept_dim_indices, split_head_dims
+from .modules import WhisperMLAAttention
+
+# Where each module kind lives in a HF Whisper model ("{i}" = layer index).
+MODULE_PATHS = {
+    "decoder_self": ("model.decoder.layers", "self_attn"),
+    "decoder_cross": ("model.decoder.layers", "encoder_attn"),
+    "encoder_self": ("model.encoder.layers", "self_attn"),
+}
+# Ridge added to the input second moment, as a fraction of its mean eigenvalue: directions that
+# the calibration audio never excites still get a little weight, so a small calibration set
+# does not make the factorisation blind to them.
+ACTIVATION_DAMPING = 0.01
+
+
+def find_targets(model: nn.Module, modules: tuple[str, ...]) -> dict[str, tuple[WhisperAttention, str]]:
+    """Fully-qualified name -> (attention module, kind) for every module kind requested."""
+    targets: dict[str, tuple[WhisperAttention, str]] = {}
+    for kind in modules:
+        layers_path, attr = MODULE_PATHS[kind]
+        for i, layer in enumerate(model.get_submodule(layers_path)):
+            attn = getattr(layer, attr)
+            if isinstance(attn, WhisperMLAAttention) or not isinstance(attn, WhisperAttention):
+                raise SlimWhisperError(f"{layers_path}.{i}.{attr} is already converted; convert the original model")
+            targets[f"{layers_path}.{i}.{attr}"] = (attn, kind)
+    return targets
+
+
+def mla_state(
+    attn: WhisperAttention, kept_idx: torch.Tensor, latent_dim: int, factorization: str, second_moment: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Weights of the MLA module that replaces `attn` (names relative to the module)."""
+    head_dim = attn.head_dim
+    perm = head_permutation(kept_idx, head_dim)
+    kept_rows, comp_rows = split_head_dims(kept_idx, head_dim)
+    w_k, w_v = attn.k_proj.weight.detach(), attn.v_proj.weight.detach()
+    moment = None
+    if factorization == "activation":
+        if second_moment is None:
+            raise SlimWhisperError("activation-aware factorisation needs calibration audio")
+        ridge = ACTIVATION_DAMPING * second_moment.diagonal().mean()
+        moment = second_moment + ridge * torch.eye(second_moment.shape[0], dtype=second_moment.dtype)
+    down, up_k, up_v = factorize_kv(w_k[comp_rows], w_v, latent_dim, moment, split=factorization == "split")
+    state = {
+        "q_proj.weight": attn.q_proj.weight.detach()[perm],
+        "kv_down.weight": down,
+        "up_k.weight": up_k,
+        "up_v.weight": up_v,
+        "out_proj.weight": attn.out_proj.weight.detach(),
+    }
+    if kept_rows.numel():
+        state["kept_proj.weight"] = w_k[kept_rows]
+    for name, bias in (("q_proj", attn.q_proj.bias), ("up_v", attn.v_proj.bias), ("out_proj", attn.out_proj.bias)):
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach()[perm] if name == "q_proj" else bias.detach()
+    like = attn.q_proj.weight
+    return {k: v.to(dtype=like.dtype, device=like.device) for k, v in state.items()}
+
+
+def convert_mla(
+    model: nn.Module,
+    config: MLAConfig,
+    calibration: CalibrationSource | dict[str, AttentionStats] = None,
+    *,
+    calibration_limit: int | None = 100,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SlimWhisperForConditionalGeneration:
+    """Return a copy of `model` with the attention modules in `config.modules` converted to MLA.
+
+    Args:
+        model: a (Slim)WhisperForConditionalGeneration; left unchanged.
+        config: the recipe.
+        calibration: audio for activation-aware factorisation and "2norm" selection: a path, a list
+            of paths or arrays, precomputed stats, or None for the bundled clips.
+        calibration_limit: at most this many recordings are used.
+    """
+    mc = model.config
+    if "mla" in (getattr(mc, "compression", None) or {}):
+        raise SlimWhisperError("this model already has MLA modules; convert the original model instead")
+    targets = find_targets(model, config.modules)
+    stats: dict[str, AttentionStats] = {}
+    if config.needs_calibration:
+        if isinstance(calibration, dict):
+            stats = calibration
+        else:
+            windows = calibration_audio(calibration, limit=calibration_limit)
+            batches = feature_batches(windows, mc.num_mel_bins, batch_size)
+            stats = collect_attention_stats(model, batches, targets, progress=progress)
+    layers: dict[str, Any] = {}
+    new_state: dict[str, torch.Tensor] = {}
+    for name, (attn, _kind) in targets.items():
+        d_c = config.latent_width(attn.embed_dim, attn.num_heads)
+        score = stats[name].qk_score(attn.num_heads) if name in stats else None
+        kept = kept_dim_indices(config.selection, attn.num_heads, attn.head_dim, config.kept_dims, score)
+        moment = stats[name].second_moment() if name in stats else None
+        for key, value in mla_state(attn, kept, d_c, config.factorization, moment).items():
+            new_state[f"{name}.{key}"] = value
+        layers[name] = {"latent_dim": d_c, "kept_dims": kept.tolist()}
+    spec = {"recipe": config.to_dict(), "layers": layers}
+    return _rebuild(model, {"mla": spec}, new_state, replaced=tuple(targets))
+
+
+def _rebuild(
+    model: nn.Module, compression: dict[str, Any], new_state: dict[str, torch.Tensor], replaced: tuple[str, ...]
+) -> SlimWhisperForConditionalGeneration:
+    """Build the compressed model from its config (as `from_pretrained` would) and load weights strictly."""
+    config = SlimWhisperConfig.from_whisper(model.config, compression)
+    config._attn_implementation = model.config._attn_implementation
+    with torch.device("meta"):
+        new = SlimWhisperForConditionalGeneration(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(p + "." for p in replaced))}
+    state.update(new_state)
+    new.load_state_dict(state, strict=True, assign=True)
+    new.tie_weights()
+    new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new
+
+
+def build_geometry(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Swap in uninitialised MLA modules with the saved shapes (registered as the "mla" builder)."""
+    for name, geometry in spec.get("layers", {}).items():
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        kept = geometry["kept_dims"]
+        if len(kept) != old.num_heads or len({len(row) for row in kept}) > 1:
+            raise SlimWhisperError(f"{name}: kept_dims must list the same number of dims for each of {old.num_heads} heads")
+        setattr(parent, attr, WhisperMLAAttention.like(old, len(kept[0]), int(geometry["latent_dim"])))
+
+
+register_geometry("mla", build_geometry)

@@ -1,0 +1,151 @@
+"""Pure tensor functions for MHA -> MLA conversion and latent attention.
+
+Nothing here knows about modules or configs: tensors and ints in, tensors out. Shapes are noted as
+B batch, H heads, h head dim, r kept key dims per head, d model width, d_c latent width, T cached
+tokens, L query tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SlimWhisperError
+
+
+def kept_dim_indices(
+    selection: str, num_heads: int, head_dim: int, kept: int, score: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which key dims of each head stay exact: a sorted LongTensor [H, r].
+
+    "uniform" spaces r dims evenly over the head; "high"/"low" take MHA2MLA's rotate-half bands
+    (the first / last r/2 dims of each half of the head); "2norm" takes the r dims with the largest
+    `score` [H, h] (E|q_i| * E|k_i| measured on calibration audio).
+    """
+    if kept == 0:
+        return torch.zeros(num_heads, 0, dtype=torch.long)
+    if not 0 < kept <= head_dim:
+        raise SlimWhisperError(f"kept_dims must be in 1..{head_dim}, got {kept}")
+    half = head_dim // 2
+    if selection == "uniform":
+        one = (torch.arange(kept, dtype=torch.float64) * head_dim / kept).floor().long()
+    elif selection in ("high", "low"):
+        k2 = kept // 2
+        start = 0 if selection == "high" else half - k2
+        one = torch.cat([torch.arange(start, start + k2), torch.arange(half + start, half + start + k2)])
+    elif selection == "2norm":
+        if score is None or score.shape != (num_heads, head_dim):
+            raise SlimWhisperError("selection '2norm' needs calibration statistics; pass calibration audio")
+        return score.topk(kept, dim=-1).indices.sort(dim=-1).values
+    else:
+        raise SlimWhisperError(f"unknown selection {selection!r}")
+    return one.unsqueeze(0).expand(num_heads, -1).clone()
+
+
+def split_head_dims(kept_idx: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global row indices (head-major) of the kept dims [H*r] and of the compressed dims [H*(h-r)]."""
+    num_heads = kept_idx.shape[0]
+    mask = torch.zeros(num_heads, head_dim, dtype=torch.bool)
+    mask.scatter_(1, kept_idx, True)
+    rows = torch.arange(num_heads * head_dim).view(num_heads, head_dim)
+    return rows[mask], rows[~mask]  # boolean indexing keeps head-major, ascending order
+
+
+def head_permutation(kept_idx: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row order [d] that lays each head out as [its kept dims | its compressed dims].
+
+    Permuting q and k rows *within* a head leaves every per-head dot product unchanged; permuting
+    across heads would mix heads (the original Whisper-MLA code's bug, SPEC 1.7).
+    """
+    kept_rows, comp_rows = split_head_dims(kept_idx, head_dim)
+    num_heads, r = kept_idx.shape
+    per_head = torch.cat([kept_rows.view(num_heads, r), comp_rows.view(num_heads, head_dim - r)], dim=1)
+    return per_head.reshape(-1)
+
+
+def psd_sqrt(matrix: torch.Tensor, rel_floor: float = 1e-10) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix, eigenvalues floored for stability."""
+    evals, evecs = torch.linalg.eigh(matrix)
+    floor = evals.max().clamp_min(0) * rel_floor
+    return (evecs * evals.clamp_min(floor).sqrt()) @ evecs.T
+
+
+def low_rank_projection(
+    weight: torch.Tensor, rank: int, second_moment: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factorisation weight ~= up @ down, optionally weighted by the input statistics.
+
+    Minimises E||(W - up @ down) x||^2 over inputs x with E[x x^T] = `second_moment` (identity when
+    None, i.e. the plain weight SVD). The solution projects W's outputs onto the top left singular
+    vectors U_k of W M^{1/2}: up = U_k (orthonormal columns), down = U_k^T W. Computed in float64.
+
+    Returns:
+        down [rank, d_in] and up [d_out, rank], in float64.
+    """
+    w = weight.double()
+    target = w if second_moment is None else w @ psd_sqrt(second_moment.double())
+    u, _, _ = torch.linalg.svd(target, full_matrices=False)
+    up = u[:, :rank]
+    return up.T @ w, up
+
+
+def factorize_kv(
+    w_kc: torch.Tensor, w_v: torch.Tensor, d_c: int, second_moment: torch.Tensor | None = None, split: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factorise the compressed key rows and the value rows through one latent of width d_c.
+
+    joint (default): [W_kc; W_v] ~= [U_k; U_v] D with a shared down-projection D [d_c, d].
+    split: W_kc ~= U_k D_k and W_v ~= U_v D_v separately (d_c split in halves); stacked as
+    D = [D_k; D_v] with block-diagonal up-projections, so the module and its cache are unchanged.
+
+    Returns:
+        down [d_c, d], up_k [rows(W_kc), d_c], up_v [d, d_c]; float64.
+    """
+    if split:
+        d_ck = d_c // 2
+        if d_ck == 0 or w_kc.shape[0] == 0:
+            raise SlimWhisperError(f"split factorisation needs a latent of at least 2 and compressed key dims (d_c={d_c})")
+        down_k, up_k_part = low_rank_projection(w_kc, min(d_ck, w_kc.shape[0]), second_moment)
+        down_v, up_v_part = low_rank_projection(w_v, d_c - down_k.shape[0], second_moment)
+        down = torch.cat([down_k, down_v])
+        up_k = torch.cat([up_k_part, up_k_part.new_zeros(up_k_part.shape[0], down_v.shape[0])], dim=1)
+        up_v = torch.cat([up_v_part.new_zeros(up_v_part.shape[0], down_k.shape[0]), up_v_part], dim=1)
+        return down, up_k, up_v
+    down, up = low_rank_projection(torch.cat([w_kc, w_v]), d_c, second_moment)
+    return down, up[: w_kc.shape[0]], up[w_kc.shape[0] :]
+
+
+def absorbed_attention(
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    k_kept: torch.Tensor,
+    up_k: torch.Tensor,
+    up_v: torch.Tensor,
+    bias_v: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention read straight from the latent cache, never up-projecting it (SPEC 3.1).
+
+    Args:
+        q: pre-scaled queries [B, H, L, h], each head laid out as [kept r | compressed h-r].
+        latent: cached latent [B, 1, T, d_c].
+        k_kept: cached kept key dims [B, H, T, r].
+        up_k: [H, h-r, d_c] per-head key up-projection; up_v: [H, h, d_c]; bias_v: [H, h] or None.
+        attention_mask: additive float or boolean (True = attend) mask broadcastable to [B, H, L, T].
+
+    Returns:
+        output [B, L, H, h] and attention probabilities [B, H, L, T].
+    """
+    r = k_kept.shape[-1]
+    q_kept, q_comp = q[..., :r], q[..., r:]
+    q_absorbed = torch.einsum("bhlc,hcd->bhld", q_comp, up_k)  # [B, H, L, d_c]
+    scores = q_absorbed @ latent.transpose(-1, -2)  # [B, H, L, T], latent broadcast over heads
+    if r:
+        scores = scores + q_kept @ k_kept.transpose(-1, -2)
+    if attention_mask is not None:
+        mask = attention_mask[..., : latent.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    mixed = probs @ latent  # [B, H, L, d_c]: rows of probs sum to 1, so the value bias adds after
+    out = torch.einsum("bhld,hed->blhe", mixed, up_v)
+    if bias_v is not None:
+        out = out + bias_v
+    return out, probs

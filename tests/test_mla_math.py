@@ -1,0 +1,103 @@
+"""Unit tests of the pure MLA math (random matrices, no model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimwhisper.errors import SlimWhisperError
+from slimwhisper.mla.math import (
+    absorbed_attention,
+    factorize_kv,
+    head_permutation,
+    kept_dim_indices,
+    low_rank_projection,
+    split_head_dims,
+)
+
+
+@pytest.mark.parametrize("selection", ["uniform", "high", "low"])
+def test_kept_dims_are_per_head_and_sorted(selection):
+    idx = kept_dim_indices(selection, num_heads=3, head_dim=16, kept=4)
+    assert idx.shape == (3, 4)
+    assert bool((idx.diff(dim=-1) > 0).all()) and int(idx.max()) < 16
+
+
+def test_kept_dim_bands_follow_mha2mla():
+    assert kept_dim_indices("high", 1, 16, 4).tolist() == [[0, 1, 8, 9]]
+    assert kept_dim_indices("low", 1, 16, 4).tolist() == [[6, 7, 14, 15]]
+    assert kept_dim_indices("uniform", 1, 16, 4).tolist() == [[0, 4, 8, 12]]
+
+
+def test_2norm_takes_top_scores_per_head():
+    score = torch.zeros(2, 8)
+    score[0, [1, 5]] = 1.0
+    score[1, [0, 7]] = 1.0
+    assert kept_dim_indices("2norm", 2, 8, 2, score).tolist() == [[1, 5], [0, 7]]
+    with pytest.raises(SlimWhisperError):
+        kept_dim_indices("2norm", 2, 8, 2, None)
+
+
+def test_head_permutation_keeps_heads_and_dot_products():
+    torch.manual_seed(0)
+    heads, h = 4, 8
+    kept = kept_dim_indices("2norm", heads, h, 3, torch.rand(heads, h))
+    perm = head_permutation(kept, h)
+    assert sorted(perm.tolist()) == list(range(heads * h))
+    assert bool((perm.view(heads, h) // h == torch.arange(heads)[:, None]).all()), "a row left its head"
+    q, k = torch.randn(heads * h), torch.randn(heads * h)
+    per_head = lambda a, b: (a.view(heads, h) * b.view(heads, h)).sum(-1)  # noqa: E731
+    torch.testing.assert_close(per_head(q[perm], k[perm]), per_head(q, k))
+    kept_rows, comp_rows = split_head_dims(kept, h)
+    assert kept_rows.numel() == heads * 3 and comp_rows.numel() == heads * 5
+
+
+def test_full_rank_factorisation_is_exact_and_error_falls_with_rank():
+    torch.manual_seed(0)
+    d = 24
+    w_kc, w_v = torch.randn(16, d), torch.randn(d, d)
+    errors = []
+    for rank in (6, 12, 18, 24):
+        down, up_k, up_v = factorize_kv(w_kc, w_v, rank)
+        approx = torch.cat([up_k, up_v]) @ down
+        errors.append(float((approx - torch.cat([w_kc, w_v]).double()).norm()))
+    assert errors[-1] < 1e-9
+    assert errors == sorted(errors, reverse=True) and errors[0] > 1.0
+
+
+def test_activation_weighting_wins_on_its_own_distribution():
+    """Weighted by E[xx^T], the factorisation must beat the weight-only SVD on inputs from that distribution."""
+    torch.manual_seed(0)
+    d, rank = 32, 8
+    w = torch.randn(48, d).double()
+    mix = torch.randn(d, d).double() * torch.logspace(0, -3, d).double()  # strongly anisotropic inputs
+    x = torch.randn(4000, d).double() @ mix.T
+    moment = x.T @ x / x.shape[0]
+    err = lambda down, up: float(((x @ w.T) - (x @ down.T) @ up.T).pow(2).mean())  # noqa: E731
+    weighted = err(*low_rank_projection(w, rank, moment))
+    plain = err(*low_rank_projection(w, rank))
+    assert weighted < 0.5 * plain
+
+
+def test_split_factorisation_uses_separate_latents():
+    torch.manual_seed(0)
+    down, up_k, up_v = factorize_kv(torch.randn(8, 16), torch.randn(16, 16), 8, split=True)
+    assert down.shape == (8, 16)
+    assert float(up_k[:, 4:].abs().max()) == 0.0 and float(up_v[:, :4].abs().max()) == 0.0
+
+
+def test_absorbed_attention_equals_materialised():
+    torch.manual_seed(0)
+    b, heads, h, r, d_c, t = 2, 3, 8, 2, 10, 7
+    q = torch.randn(b, heads, 1, h)
+    latent, kept = torch.randn(b, 1, t, d_c), torch.randn(b, heads, t, r)
+    up_k, up_v, bias_v = torch.randn(heads, h - r, d_c), torch.randn(heads, h, d_c), torch.randn(heads, h)
+    mask = torch.zeros(b, 1, 1, t)
+    mask[0, ..., :2] = float("-inf")  # padding on the first row
+    out, probs = absorbed_attention(q, latent, kept, up_k, up_v, bias_v, mask)
+    keys = torch.cat([kept, torch.einsum("bxtd,hcd->bhtc", latent, up_k)], dim=-1)
+    values = torch.einsum("bxtd,hed->bhte", latent, up_v) + bias_v[None, :, None, :]
+    ref_probs = (q @ keys.transpose(-1, -2) + mask).softmax(-1)
+    ref = (ref_probs @ values).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=1e-5)
+    assert float(probs[0, ..., :2].abs().max()) == 0.0

@@ -1,0 +1,196 @@
+"""MLA conversion on tiny random Whisper models: exactness, decode paths, cache bytes, save/load."""
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSpeechSeq2Seq
+
+import slimwhisper as sw
+from slimwhisper.errors import ConfigVersionError, SlimWhisperError
+from slimwhisper.memory import cache_bytes_held
+from slimwhisper.mla import modules as mla_modules
+
+COMBOS = [
+    ("decoder_self",),
+    ("decoder_cross",),
+    ("encoder_self",),
+    ("decoder_self", "decoder_cross"),
+    ("decoder_self", "decoder_cross", "encoder_self"),
+]
+PROMPT = torch.tensor([[91, 93, 5, 6, 7, 8], [91, 93, 9, 3, 2, 1]])
+
+
+def calib_audio(n: int = 3) -> list[np.ndarray]:
+    return [np.random.default_rng(i).standard_normal(16000 * 2).astype(np.float32) * 0.1 for i in range(n)]
+
+
+def logits(model, features, ids=PROMPT):
+    with torch.no_grad():
+        return model(input_features=features, decoder_input_ids=ids).logits
+
+
+def step_logits(model, features, steps: int = 8) -> torch.Tensor:
+    """Greedy decode with the cache, returning every step's logits [steps, B, V]."""
+    ids, cache, out = PROMPT[:, :2], None, []
+    with torch.no_grad():
+        enc = model.model.encoder(features).last_hidden_state
+        for _ in range(steps):
+            res = model(encoder_outputs=(enc,), decoder_input_ids=ids if cache is None else ids[:, -1:],
+                        past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            out.append(res.logits[:, -1])
+            ids = torch.cat([ids, res.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("modules", COMBOS)
+@pytest.mark.parametrize("kept", [0, 4])
+def test_full_rank_reproduces_original(tiny_model, features, modules, kept):
+    slim = sw.convert(tiny_model, sw.MLAConfig(modules=modules, kept_dims=kept, selection="uniform", factorization="joint"))
+    assert isinstance(slim, sw.SlimWhisperForConditionalGeneration)
+    assert sum(isinstance(m, sw.WhisperMLAAttention) for m in slim.modules()) == 2 * len(modules)
+    assert (logits(slim, features) - logits(tiny_model, features)).abs().max() <= 1e-4
+    torch.testing.assert_close(step_logits(slim, features), step_logits(tiny_model, features), atol=1e-4, rtol=0)
+
+
+def test_full_rank_activation_aware_and_2norm_are_exact(tiny_model, features):
+    cfg = sw.MLAConfig(modules=("decoder_self", "decoder_cross"), kept_dims=4, selection="2norm")
+    slim = sw.convert(tiny_model, cfg, calibration=calib_audio(), progress=False)
+    assert (logits(slim, features) - logits(tiny_model, features)).abs().max() <= 1e-4
+
+
+def test_compression_changes_outputs_and_error_falls_with_latent(tiny_model, features):
+    ref = logits(tiny_model, features)
+    errors = []
+    for reduction in (0.875, 0.75, 0.625):
+        slim = sw.convert(tiny_model, sw.MLAConfig(kv_reduction=reduction, factorization="joint"))
+        errors.append(float((logits(slim, features) - ref).abs().max()))
+    assert errors[0] > 1e-3, "a compressed model that matches exactly means nothing was compressed"
+    assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize("cfg", [
+    sw.MLAConfig(kv_reduction=0.75),
+    sw.MLAConfig(kv_reduction=0.75, kept_dims=4, selection="2norm", modules=("decoder_self", "decoder_cross")),
+    sw.MLAConfig(kv_reduction=0.75, factorization="split", modules=("decoder_self", "decoder_cross")),
+])
+def test_absorbed_decode_equals_materialised(tiny_model, features, cfg):
+    slim = sw.convert(tiny_model, cfg, calibration=calib_audio(), progress=False)
+    with mock.patch.object(mla_modules, "absorbed_attention", wraps=mla_modules.absorbed_attention) as spy:
+        absorbed = step_logits(slim, features)
+    assert spy.call_count > 0, "decode did not take the absorbed path"
+    sw.set_decode_mode(slim, "materialized")
+    with mock.patch.object(mla_modules, "absorbed_attention", wraps=mla_modules.absorbed_attention) as spy:
+        materialised = step_logits(slim, features)
+    assert spy.call_count == 0
+    torch.testing.assert_close(absorbed, materialised, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_batched_and_beam(tiny_model, features):
+    slim = sw.convert(tiny_model, sw.MLAConfig(modules=("decoder_self", "decoder_cross"), factorization="joint"))
+    greedy = slim.generate(features, max_new_tokens=6)
+    assert torch.equal(greedy, tiny_model.generate(features, max_new_tokens=6))
+    beams = slim.generate(features, max_new_tokens=6, num_beams=3)
+    assert torch.equal(beams, tiny_model.generate(features, max_new_tokens=6, num_beams=3))
+
+
+@pytest.mark.parametrize("modules", [("decoder_self",), ("decoder_self", "decoder_cross")])
+def test_cache_bytes_match_formula(tiny_model, features, modules):
+    slim = sw.convert(tiny_model, sw.MLAConfig(modules=modules, kv_reduction=0.75, kept_dims=2, factorization="joint"))
+    for model in (tiny_model, slim):
+        out = model.generate(features, max_new_tokens=5, return_dict_in_generate=True)
+        cache = out.past_key_values
+        held = cache_bytes_held(cache)
+        expected = sw.kv_cache_bytes(model, batch=2, tokens=cache.get_seq_length(), dtype=torch.float32)
+        assert held == expected
+    d, layers = tiny_model.config.d_model, tiny_model.config.decoder_layers
+    per_token = sw.kv_cache_bytes(slim, tokens=1, dtype=torch.float16).self_attention
+    assert per_token == layers * int(0.25 * 2 * d) * 2  # 75% fewer numbers than 2*d per layer, 2 bytes each
+
+
+def _saved(tmp_path, tiny_model, **save_kwargs):
+    slim = sw.convert(tiny_model, sw.MLAConfig(modules=("decoder_self", "encoder_self"), kv_reduction=0.75, kept_dims=2))
+    slim.save_pretrained(tmp_path, **save_kwargs)
+    return slim
+
+
+def test_save_and_reload_strictly(tmp_path, tiny_model, features):
+    slim = _saved(tmp_path, tiny_model)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "slimwhisper"
+    assert config["compression"]["mla"]["recipe"]["kv_reduction"] == 0.75
+    again = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path)
+    assert type(again) is sw.SlimWhisperForConditionalGeneration
+    assert again.config.model_type == "whisper"  # what generate() and the pipeline switch on
+    torch.testing.assert_close(logits(again, features), logits(slim, features), atol=0, rtol=0)
+    assert again.proj_out.weight is again.model.decoder.embed_tokens.weight
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_model, features):
+    slim = _saved(tmp_path, tiny_model, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(again, features), logits(slim, features), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("edit", ["drop", "extra", "shape"])
+def test_checkpoint_mismatch_is_an_error(tmp_path, tiny_model, edit):
+    _saved(tmp_path, tiny_model)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    key = "model.decoder.layers.0.self_attn.kv_down.weight"
+    if edit == "drop":
+        del tensors[key]
+    elif edit == "extra":
+        tensors["model.decoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(4, 4)
+    else:
+        tensors[key] = tensors[key][:-1]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(SlimWhisperError):
+        sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_unknown_format_version_is_a_clear_error(tmp_path, tiny_model):
+    _saved(tmp_path, tiny_model)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["compression"]["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigVersionError, match="upgrade"):
+        AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"latent_dim": 65},  # wider than d_model
+    {"kept_dims": 17},  # more than the head dim (16)
+    {"kept_dims": 16, "kv_reduction": 0.875},  # kept dims alone exceed the budget
+])
+def test_impossible_geometry_is_rejected(tiny_model, kwargs):
+    with pytest.raises(SlimWhisperError):
+        sw.convert(tiny_model, sw.MLAConfig(factorization="joint", **kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"modules": ("decoder",)}, {"kv_reduction": 1.5}, {"latent_rank": 2, "kv_reduction": 0.5},
+    {"selection": "best"}, {"factorization": "qr"}, {"kept_dims": 3, "selection": "high"},
+])
+def test_invalid_recipes_are_rejected(kwargs):
+    with pytest.raises(SlimWhisperError):
+        sw.MLAConfig(**kwargs)
+
+
+def test_recipe_round_trips_and_refuses_newer_versions():
+    cfg = sw.MLAConfig(modules=("decoder_self", "decoder_cross"), kept_dims=2, kv_reduction=0.75)
+    assert sw.MLAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigVersionError):
+        sw.MLAConfig.from_dict({**cfg.to_dict(), "version": 99})
+
+
+def test_converting_twice_is_refused(tiny_model):
+    slim = sw.convert(tiny_model, sw.MLAConfig(factorization="joint"))
+    with pytest.raises(SlimWhisperError, match="already"):
+        sw.convert(slim, sw.MLAConfig(factorization="joint"))
