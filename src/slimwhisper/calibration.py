@@ -1,7 +1,8 @@
 """Calibration audio shared by every method: audio in, batches of log-mel features out.
 
 A calibration source is a path (an audio file, a folder of audio, or any dataset layout that
-`slimwhisper.data` reads), a list of paths or 16 kHz arrays, or None for the bundled demo clips.
+`slimwhisper.data` reads), a list of paths or 16 kHz arrays, or None for the bundled calibration
+clips (English speech synthesised by this project; separate from the demo clips).
 Long recordings contribute every 30-s window.
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ CalibrationSource = Union[None, str, Path, Sequence[Union[str, Path, np.ndarray]
 def calibration_audio(source: CalibrationSource, limit: int | None = None) -> list[np.ndarray]:
     """Decode a calibration source into a list of 16 kHz mono windows (at most `limit` recordings)."""
     if source is None:
-        from .assets import demo_clips
+        from .assets import calibration_clips
 
-        items: list = [clip["audio"] for clip in demo_clips()]
+        items: list = [clip["audio"] for clip in calibration_clips()]
     elif isinstance(source, (str, Path)):
         items = _paths_in(Path(source))
     else:

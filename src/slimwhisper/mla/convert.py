@@ -100,6 +100,7 @@ def convert_mla(
     if "mla" in (getattr(mc, "compression", None) or {}):
         raise SlimWhisperError("this model already has MLA modules; convert the original model instead")
     targets = find_targets(model, config.modules)
+    widths = {name: config.latent_width(attn.embed_dim, attn.num_heads) for name, (attn, _) in targets.items()}
     stats: dict[str, AttentionStats] = {}
     if config.needs_calibration:
         if isinstance(calibration, dict):
@@ -111,7 +112,7 @@ def convert_mla(
     layers: dict[str, Any] = {}
     new_state: dict[str, torch.Tensor] = {}
     for name, (attn, _kind) in targets.items():
-        d_c = config.latent_width(attn.embed_dim, attn.num_heads)
+        d_c = widths[name]  # validated before calibrating, so impossible ranks fail fast
         score = stats[name].qk_score(attn.num_heads) if name in stats else None
         kept = kept_dim_indices(config.selection, attn.num_heads, attn.head_dim, config.kept_dims, score)
         moment = stats[name].second_moment() if name in stats else None

@@ -1,0 +1,162 @@
+"""`slimwhisper` command line: convert, info, transcribe, eval, demo.
+
+User mistakes (bad paths, unknown models, impossible ranks) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import SlimWhisperError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _modules(values: list[str]) -> tuple[str, ...]:
+    return tuple(m for v in values for m in v.split(",") if m)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import MLAConfig, convert, load
+    from .info import describe
+
+    config = MLAConfig(
+        modules=_modules(args.modules),
+        kept_dims=args.kept_dims,
+        latent_rank=args.latent_rank,
+        latent_dim=args.latent_dim,
+        kv_reduction=args.kv_reduction,
+        selection=args.selection,
+        factorization=args.factorization,
+    )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    model, processor = load(args.model, device=args.device)
+    slim = convert(
+        model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
+    )
+    slim.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = describe(slim.config)
+    print(json.dumps({"out": str(out), **{k: summary[k] for k in ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")}}))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe
+
+    path = Path(args.model)
+    if (path / "config.json").is_file() and not (path / "model.bin").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    else:
+        from . import load
+
+        config = load(args.model)[0].config
+    summary = describe(config)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        kv, cross = summary["kv_bytes_per_token"], summary["cross_kv_bytes"]
+        print(f"{args.model}: d_model {summary['d_model']}, {summary['decoder_layers']} decoder layers")
+        print(f"  self-attention KV cache: {kv['original']} -> {kv['converted']} bytes/token (fp16)")
+        print(f"  cross-attention KV cache: {cross['original']} -> {cross['converted']} bytes/utterance (fp16)")
+        print(f"  parameters: {summary['parameters']['original']} -> {summary['parameters']['converted']}")
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from . import load
+    from .audio import load_audio
+    from .transcribe import transcribe_arrays
+
+    audios = [load_audio(p) for p in args.audio]  # fail before loading the model
+    model, processor = load(args.model, device=args.device)
+    texts = transcribe_arrays(
+        model, processor, audios, language=args.language, batch_size=args.batch_size, num_beams=args.beams
+    )
+    if args.json:
+        print(json.dumps([{"file": f, "text": t} for f, t in zip(args.audio, texts)], ensure_ascii=False, indent=2))
+    else:
+        for f, t in zip(args.audio, texts):
+            print(f"{f}\t{t}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model=args.model, kv_reduction=args.kv_reduction, out=args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimwhisper", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert attention to multi-head latent attention (MLA)")
+    p.add_argument("--model", required=True, help="tiny.en, base, a model directory or a hub id")
+    p.add_argument("--modules", nargs="+", default=["decoder_self"], help="decoder_self, decoder_cross, encoder_self")
+    p.add_argument("--kv-reduction", type=float, help="fraction of the converted modules' KV cache to save, e.g. 0.75")
+    p.add_argument("--kept-dims", type=int, default=0, help="key dims per head kept exact (default 0)")
+    p.add_argument("--latent-rank", type=int, help="latent width per head")
+    p.add_argument("--latent-dim", type=int, help="total latent width")
+    p.add_argument("--selection", default="uniform", choices=["uniform", "high", "low", "2norm"])
+    p.add_argument("--factorization", default="activation", choices=["activation", "joint", "split"])
+    p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
+    p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
+    p.add_argument("--out", required=True, help="output directory (HF model + processor)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a model: cache bytes, geometry, parameters")
+    p.add_argument("model", help="a converted directory or anything `convert --model` accepts")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files of any length")
+    p.add_argument("model")
+    p.add_argument("audio", nargs="+", help="audio files (any common format and rate; stereo is mixed down)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {file, text}")
+    p.add_argument("--language", help="language code for multilingual models (default: detect)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("demo", help="convert tiny.en at 75%% and compare it with the original on bundled clips")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--kv-reduction", type=float, default=0.75)
+    p.add_argument("--out", help="also save the converted model here")
+    p.set_defaults(func=cmd_demo)
+
+    from .eval.cli import add_parser as add_eval_parser, run as run_eval
+
+    add_eval_parser(sub).set_defaults(func=run_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate()'s deprecation chatter is not for our users
+    try:
+        return int(args.func(args) or 0)
+    except SlimWhisperError as exc:
+        print(f"slimwhisper: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimwhisper: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""What a (compressed) model is: recipe, geometry, cache bytes and parameter counts, from its config."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+from .memory import cached_numbers_per_token, kv_cache_bytes
+from .models import SlimWhisperConfig, SlimWhisperForConditionalGeneration
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+def original_config(config: WhisperConfig) -> WhisperConfig:
+    """The uncompressed Whisper config that `config` was made from."""
+    data = config.to_dict()
+    for key in ("model_type", "architectures", "compression", "transformers_version"):
+        data.pop(key, None)
+    return WhisperConfig(**data)
+
+
+def describe(config: WhisperConfig) -> dict[str, Any]:
+    """A JSON-able summary; cache bytes are fp16, batch 1 (self: per token, cross: per 30-s utterance)."""
+    original = original_config(config)
+    with torch.device("meta"):
+        compressed_model = (
+            SlimWhisperForConditionalGeneration(config)
+            if isinstance(config, SlimWhisperConfig)
+            else WhisperForConditionalGeneration(config)
+        )
+        original_params = _parameters(WhisperForConditionalGeneration(original))
+    before, after = kv_cache_bytes(original), kv_cache_bytes(config)
+    compression = dict(getattr(config, "compression", None) or {})
+    mla = compression.get("mla", {})
+    return {
+        "model_type": type(config).model_type,
+        "d_model": config.d_model,
+        "encoder_layers": config.encoder_layers,
+        "decoder_layers": config.decoder_layers,
+        "heads": config.decoder_attention_heads,
+        "kv_bytes_per_token": {"original": before.self_attention, "converted": after.self_attention},
+        "cross_kv_bytes": {"original": before.cross_attention, "converted": after.cross_attention},
+        "kv_reduction": {
+            "self": 1 - cached_numbers_per_token(config, "self_attn") / cached_numbers_per_token(original, "self_attn"),
+            "cross": 1
+            - cached_numbers_per_token(config, "encoder_attn") / cached_numbers_per_token(original, "encoder_attn"),
+        },
+        "parameters": {"original": original_params, "converted": _parameters(compressed_model)},
+        "mla": {
+            "recipe": mla.get("recipe"),
+            "geometry": {
+                name: {"latent_dim": g["latent_dim"], "kept_dims_per_head": len(g["kept_dims"][0]), "kept_dims": g["kept_dims"]}
+                for name, g in mla.get("layers", {}).items()
+            },
+        }
+        if mla
+        else None,
+        "compression_format_version": compression.get("format_version"),
+        "source": getattr(config, "slimwhisper_source", None),
+    }
