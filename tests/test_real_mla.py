@@ -63,3 +63,22 @@ def test_75_percent_activation_aware_keeps_transcripts(tiny_en, english_features
     assert jiwer.wer(ref, out) < 0.15, (ref, out)
     per_token = sw.kv_cache_bytes(slim, tokens=1).self_attention
     assert per_token == sw.kv_cache_bytes(model, tokens=1).self_attention // 4
+
+
+def test_saved_model_runs_in_the_asr_pipeline(tiny_en, tmp_path):
+    from transformers import pipeline
+
+    from slimwhisper.assets import demo_clips
+    from slimwhisper.loading.processor import save_processor
+
+    model, processor = tiny_en
+    slim = sw.convert(model, sw.MLAConfig(kv_reduction=0.625, factorization="joint"))
+    slim.save_pretrained(tmp_path)
+    save_processor(processor, tmp_path)
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path))
+    assert type(asr.model) is sw.SlimWhisperForConditionalGeneration and asr.type == "seq2seq_whisper"
+    audio = load_audio(demo_clips()[1]["audio"])
+    text = asr({"raw": audio, "sampling_rate": 16_000}, generate_kwargs={"num_beams": 1})["text"]
+    features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    assert text.strip() == processor.batch_decode(slim.generate(features), skip_special_tokens=True)[0].strip()
+    assert "budget" in text

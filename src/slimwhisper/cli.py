@@ -19,9 +19,19 @@ def _modules(values: list[str]) -> tuple[str, ...]:
     return tuple(m for v in values for m in v.split(",") if m)
 
 
+def _device(name: str | None) -> str:
+    """`--device`: as given, else the GPU when there is one."""
+    if name:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import MLAConfig, convert, load
     from .info import describe
+    from .loading.processor import save_processor
 
     config = MLAConfig(
         modules=_modules(args.modules),
@@ -35,12 +45,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    model, processor = load(args.model, device=args.device)
+    model, processor = load(args.model, device=_device(args.device))
     slim = convert(
         model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
     )
     slim.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor(processor, out)
     summary = describe(slim.config)
     print(json.dumps({"out": str(out), **{k: summary[k] for k in ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")}}))
     return 0
@@ -76,7 +86,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .transcribe import transcribe_arrays
 
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
-    model, processor = load(args.model, device=args.device)
+    model, processor = load(args.model, device=_device(args.device))
     texts = transcribe_arrays(
         model, processor, audios, language=args.language, batch_size=args.batch_size, num_beams=args.beams
     )

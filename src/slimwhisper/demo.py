@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jiwer
 
@@ -41,8 +42,10 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     slim = convert(model, MLAConfig(modules=("decoder_self",), kv_reduction=cfg.kv_reduction))
     convert_s = time.perf_counter() - start
     if cfg.out:
+        from .loading.processor import save_processor
+
         slim.save_pretrained(cfg.out)
-        processor.save_pretrained(cfg.out)
+        save_processor(processor, Path(cfg.out))
     clips = demo_clips()
     audios = [load_audio(c["audio"]) for c in clips]
     refs = [c["text"] for c in clips]

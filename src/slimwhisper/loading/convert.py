@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-CONVERTER_VERSION = 1  # bump when the conversion output changes, so old cache entries are ignored
+CONVERTER_VERSION = 2  # bump when the conversion output changes, so old cache entries are ignored
 WHISPER_SPEC = "WhisperSpec"
 
 

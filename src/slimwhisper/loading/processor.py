@@ -59,12 +59,16 @@ def special_ids(tokenizer: WhisperTokenizer) -> SpecialIds:
 
 
 def english_normalizer_file() -> Path | None:
-    """openai-whisper's English spelling table, if that package is installed (it is MIT-licensed)."""
-    spec = importlib.util.find_spec("whisper")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "normalizers" / "english.json"
-        if candidate.is_file():
-            return candidate
+    """Whisper's English spelling table (normalizer.json), from whichever installed package ships it.
+
+    whisper-normalizer is a dependency; openai-whisper, when installed, has the same MIT-licensed table.
+    """
+    for package in ("whisper_normalizer", "whisper"):
+        spec = importlib.util.find_spec(package)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(location) / "normalizers" / "english.json"
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -201,6 +205,9 @@ def build_generation_config(
     if is_multilingual:
         fields["lang_to_id"] = _language_ids(tokenizer, ids, ct2_config)
         fields["task_to_id"] = {"transcribe": ids.transcribe, "translate": ids.translate}
+        # Without a default task, transformers' generate() omits the task token whenever it detects the
+        # language itself, and base then often loops ("So So So ..."); openai-whisper always transcribes.
+        fields["task"] = "transcribe"
     return GenerationConfig(**fields)
 
 

@@ -127,11 +127,12 @@ def collect_attention_stats(
 
 
 def _transcribe(model: nn.Module, features: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy token sequences for a batch, with the decoder prompt included."""
+    """Greedy token sequences for a batch, decoder prompt included (SOT, language, task, ...)."""
     max_new_tokens = min(max_new_tokens, model.config.max_target_positions - 8)  # room for the prompt
-    out = model.generate(features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-    sequences = out.sequences if hasattr(out, "sequences") else out
-    start = model.generation_config.decoder_start_token_id
-    if sequences[0, 0] != start:  # generate() may return only the continuation; put the prompt back
-        sequences = torch.cat([sequences.new_full((sequences.shape[0], 1), start), sequences], dim=1)
+    out = model.generate(
+        features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, return_dict_in_generate=True
+    )
+    sequences = out.sequences
+    if not bool((sequences[:, 0] == model.generation_config.decoder_start_token_id).all()):
+        raise RuntimeError("generate() returned sequences without the decoder prompt; cannot calibrate")
     return sequences
