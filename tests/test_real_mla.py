@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import slimwhisper as sw
-from slimwhisper.audio import load_audio
-
 from conftest import SHARED_DATA
+from slimwhisper.audio import load_audio
 
 pytestmark = pytest.mark.real
 
@@ -51,6 +50,13 @@ def test_full_rank_is_exact_on_real_weights(tiny_en, english_features):
     assert diff64 < 1e-9
     # SDPA vs eager attention on the same fp32 weights differs by ~1.3e-4 at logits up to ~80.
     assert diff32 < 3e-4 and diff32 / ref32.abs().max() < 5e-6
+
+
+@pytest.mark.parametrize("modules", [("decoder_self",), ("decoder_cross",), ("encoder_self",), ("decoder_self", "decoder_cross")])
+def test_full_rank_keeps_greedy_tokens_for_each_combination(tiny_en, english_features, modules):
+    model = tiny_en[0]
+    slim = sw.convert(model, sw.MLAConfig(modules=modules, factorization="joint"))
+    assert torch.equal(slim.generate(english_features), model.generate(english_features))
 
 
 def test_75_percent_activation_aware_keeps_transcripts(tiny_en, english_features):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import models  # registers the HF config/model classes with the Auto classes
+from . import models  # noqa: F401  (registers the HF config/model classes with the Auto classes)
 from .errors import AudioError, ConfigVersionError, ModelNotFoundError, SlimWhisperError
 from .memory import KVCacheBytes, kv_cache_bytes
 from .mla import MLAConfig, WhisperMLAAttention, set_decode_mode

@@ -52,7 +52,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     slim.save_pretrained(out)
     save_processor(processor, out)
     summary = describe(slim.config)
-    print(json.dumps({"out": str(out), **{k: summary[k] for k in ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")}}))
+    keys = ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")
+    print(json.dumps({"out": str(out), **{k: summary[k] for k in keys}}))
     return 0
 
 
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also save the converted model here")
     p.set_defaults(func=cmd_demo)
 
-    from .eval.cli import add_parser as add_eval_parser, run as run_eval
+    from .eval.cli import add_parser as add_eval_parser
+    from .eval.cli import run as run_eval
 
     add_eval_parser(sub).set_defaults(func=run_eval)
     return parser

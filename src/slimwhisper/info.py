@@ -52,7 +52,11 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         "mla": {
             "recipe": mla.get("recipe"),
             "geometry": {
-                name: {"latent_dim": g["latent_dim"], "kept_dims_per_head": len(g["kept_dims"][0]), "kept_dims": g["kept_dims"]}
+                name: {
+                    "latent_dim": g["latent_dim"],
+                    "kept_dims_per_head": len(g["kept_dims"][0]),
+                    "kept_dims": g["kept_dims"],
+                }
                 for name, g in mla.get("layers", {}).items()
             },
         }

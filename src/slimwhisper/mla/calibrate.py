@@ -112,9 +112,13 @@ def collect_attention_stats(
     try:
         for features in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
             features = features.to(device=device, dtype=dtype)
-            sequences = _transcribe(model, features, max_new_tokens)
+            # The encoder runs once per batch (it is most of the cost); encoder hooks record here.
+            recording.active, recording.mask = True, None
+            encoded = model.get_encoder()(features)
+            recording.active = False
+            sequences = _transcribe(model, features, encoded, max_new_tokens)
             recording.active, recording.mask = True, valid_token_mask(sequences, eos)
-            model(input_features=features, decoder_input_ids=sequences, use_cache=False)
+            model(encoder_outputs=encoded, decoder_input_ids=sequences, use_cache=False)
             recording.active = False
     finally:
         for handle in handles:
@@ -126,11 +130,16 @@ def collect_attention_stats(
     return stats
 
 
-def _transcribe(model: nn.Module, features: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def _transcribe(model: nn.Module, features: torch.Tensor, encoded, max_new_tokens: int) -> torch.Tensor:
     """Greedy token sequences for a batch, decoder prompt included (SOT, language, task, ...)."""
     max_new_tokens = min(max_new_tokens, model.config.max_target_positions - 8)  # room for the prompt
     out = model.generate(
-        features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, return_dict_in_generate=True
+        features,
+        encoder_outputs=encoded,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        do_sample=False,
+        return_dict_in_generate=True,
     )
     sequences = out.sequences
     if not bool((sequences[:, 0] == model.generation_config.decoder_start_token_id).all()):

@@ -48,7 +48,11 @@ def find_targets(model: nn.Module, modules: tuple[str, ...]) -> dict[str, tuple[
 
 
 def mla_state(
-    attn: WhisperAttention, kept_idx: torch.Tensor, latent_dim: int, factorization: str, second_moment: torch.Tensor | None
+    attn: WhisperAttention,
+    kept_idx: torch.Tensor,
+    latent_dim: int,
+    factorization: str,
+    second_moment: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """Weights of the MLA module that replaces `attn` (names relative to the module)."""
     head_dim = attn.head_dim
@@ -78,6 +82,26 @@ def mla_state(
     return {k: v.to(dtype=like.dtype, device=like.device) for k, v in state.items()}
 
 
+def calibrate_mla(
+    model: nn.Module,
+    modules: tuple[str, ...],
+    calibration: CalibrationSource = None,
+    *,
+    limit: int | None = 100,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, AttentionStats]:
+    """Input statistics of the attention modules of `modules` kinds on calibration audio.
+
+    The result can be passed to `convert_mla(..., calibration=stats)` for any number of recipes on
+    the same model (they depend on the audio and the original weights only).
+    """
+    targets = find_targets(model, modules)
+    windows = calibration_audio(calibration, limit=limit)
+    batches = feature_batches(windows, model.config.num_mel_bins, batch_size)
+    return collect_attention_stats(model, batches, targets, progress=progress)
+
+
 def convert_mla(
     model: nn.Module,
     config: MLAConfig,
@@ -105,10 +129,12 @@ def convert_mla(
     if config.needs_calibration:
         if isinstance(calibration, dict):
             stats = calibration
+            missing = sorted(set(targets) - set(stats))
+            if missing:
+                raise SlimWhisperError(f"calibration statistics do not cover {missing[:3]}; calibrate these modules")
         else:
-            windows = calibration_audio(calibration, limit=calibration_limit)
-            batches = feature_batches(windows, mc.num_mel_bins, batch_size)
-            stats = collect_attention_stats(model, batches, targets, progress=progress)
+            stats = calibrate_mla(model, config.modules, calibration, limit=calibration_limit,
+                                  batch_size=batch_size, progress=progress)
     layers: dict[str, Any] = {}
     new_state: dict[str, torch.Tensor] = {}
     for name, (attn, _kind) in targets.items():
@@ -148,7 +174,7 @@ def build_geometry(model: nn.Module, spec: dict[str, Any]) -> None:
         old = getattr(parent, attr)
         kept = geometry["kept_dims"]
         if len(kept) != old.num_heads or len({len(row) for row in kept}) > 1:
-            raise SlimWhisperError(f"{name}: kept_dims must list the same number of dims for each of {old.num_heads} heads")
+            raise SlimWhisperError(f"{name}: kept_dims must list as many dims for each of {old.num_heads} heads")
         setattr(parent, attr, WhisperMLAAttention.like(old, len(kept[0]), int(geometry["latent_dim"])))
 
 

@@ -102,7 +102,7 @@ def factorize_kv(
     if split:
         d_ck = d_c // 2
         if d_ck == 0 or w_kc.shape[0] == 0:
-            raise SlimWhisperError(f"split factorisation needs a latent of at least 2 and compressed key dims (d_c={d_c})")
+            raise SlimWhisperError(f"split factorisation needs a latent >= 2 and compressed key dims (d_c={d_c})")
         down_k, up_k_part = low_rank_projection(w_kc, min(d_ck, w_kc.shape[0]), second_moment)
         down_v, up_v_part = low_rank_projection(w_v, d_c - down_k.shape[0], second_moment)
         down = torch.cat([down_k, down_v])

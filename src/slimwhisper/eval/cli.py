@@ -1,0 +1,113 @@
+"""`slimwhisper eval MODEL --data PATH [--baseline MODEL] [--language xx] [--limit N] --out DIR`.
+
+The main CLI registers this with `add_parser(subparsers)` and calls `run(args)`; user mistakes raise
+`SlimWhisperError`, which the main CLI prints as one line (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data import open_dataset
+from ..data.records import normalize_language
+from ..errors import SlimWhisperError
+from .evaluate import LONG_AUDIO_CHOICES, evaluate
+from .report import SUMMARY_JSON, SUMMARY_MD, markdown_table
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `eval` subcommand."""
+    p = subparsers.add_parser(
+        "eval",
+        help="word/character error rate of a model, optionally against a baseline",
+        description="Transcribe a dataset, score it with Whisper's normalisers (corpus WER/CER per language) and, "
+        "with --baseline, report the difference with a paired-bootstrap 95%% interval. Every utterance is logged "
+        "to DIR/utterances.jsonl as it is scored; rerunning the same command resumes.",
+    )
+    p.add_argument("model", help="model name (tiny.en, base, ...) or a Hugging Face / CTranslate2 folder")
+    p.add_argument("--data", required=True, help="manifest.jsonl, LibriSpeech tree, Common Voice folder or .tsv, "
+                   "datasets.save_to_disk folder, or a folder/CSV of audio")
+    p.add_argument("--out", required=True, help="output folder: summary.json, summary.md, utterances.jsonl")
+    p.add_argument("--baseline", help="model to compare against on the same utterances")
+    p.add_argument("--language", help="evaluate only this language (samples without one count as it) and "
+                   "decode it as that language")
+    p.add_argument("--limit", type=int, help="first N samples only (after --language)")
+    p.add_argument("--split", help="split of a Common Voice folder or a saved DatasetDict (default: test)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--beams", type=int, default=1, help="beam size; 1 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per 30-s window")
+    p.add_argument("--long-audio", choices=LONG_AUDIO_CHOICES, default="longform",
+                   help="clips over 30 s: decode long-form with timestamps (default), skip and report, or stop")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable, empty or missing file "
+                   "instead of skipping and reporting it")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="paired-bootstrap draws (default 10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _load(name: str, device: str, dtype):
+    try:
+        from ..loading import load
+    except ImportError as exc:
+        raise SlimWhisperError(f"cannot load '{name}': slimwhisper.loading is not available ({exc})") from exc
+    return load(name, device=device, dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write DIR/summary.json and summary.md, print the table."""
+    import torch
+
+    language = normalize_language(args.language)
+    if args.limit is not None and args.limit < 1:
+        raise SlimWhisperError("--limit must be at least 1")
+    data = open_dataset(args.data, split=args.split, keep_language=language, limit=args.limit,
+                        on_error="raise" if args.strict else "skip")
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model, processor = _load(args.model, device, dtype)
+    baseline = _load(args.baseline, device, dtype) if args.baseline else None
+    result = evaluate(
+        model, processor, data, batch_size=args.batch_size, num_beams=args.beams, language=language,
+        out_dir=Path(args.out), baseline=baseline, tag=args.model, baseline_tag=args.baseline, device=device,
+        dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio,
+        on_error="raise" if args.strict else "skip", n_bootstrap=args.bootstrap, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(markdown_table(result))
+    print(f"\n{result.skipped.describe()}; {result.wall_seconds:.1f} s; "
+          f"wrote {Path(args.out) / SUMMARY_JSON} and {Path(args.out) / SUMMARY_MD}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m slimwhisper.eval.cli eval ...`), same behaviour as the main CLI."""
+    parser = argparse.ArgumentParser(prog="slimwhisper")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except SlimWhisperError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

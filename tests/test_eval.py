@@ -1,0 +1,325 @@
+"""Evaluation: normalisers, corpus metrics, paired bootstrap, batched generation, resume, reports and the CLI."""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import (
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from slimwhisper.data import Sample, open_dataset
+from slimwhisper.errors import SlimWhisperError
+from slimwhisper.eval import (
+    cli,
+    corpus_rate,
+    evaluate,
+    normalize,
+    paired_bootstrap,
+    word_errors,
+)
+from slimwhisper.eval.metrics import char_errors
+
+ev = importlib.import_module("slimwhisper.eval.evaluate")  # the package attribute `evaluate` is the function
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LANGS = ("en", "de", "zh")
+
+
+# --------------------------------------------------------------------------- a tiny Whisper with a real tokenizer
+
+
+def tiny_whisper_with_processor(multilingual: bool = True, seed: int = 0):
+    """Random 2-layer Whisper plus a byte-level tokenizer with Whisper's special-token layout."""
+    tok = WhisperTokenizer(vocab={ch: i for i, ch in enumerate(bytes_to_unicode().values())}, merges=[])
+    control = ["<|endoftext|>", "<|startoftranscript|>", *([f"<|{x}|>" for x in LANGS] if multilingual else []),
+               "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+               "<|notimestamps|>"]
+    tok.add_tokens(control, special_tokens=True)
+    tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in control}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(
+        vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+        max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # constant logits favouring "a": short outputs, and long-form moves 30 s per window
+        model.model.decoder.layer_norm.weight.zero_()
+        model.model.decoder.layer_norm.bias.copy_(model.proj_out.weight[tok.convert_tokens_to_ids("a")] * 50)
+    gc = GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=448,
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        is_multilingual=multilingual, suppress_tokens=[], begin_suppress_tokens=[eot], max_initial_timestamp_index=50,
+    )
+    if multilingual:
+        gc.lang_to_id = {f"<|{x}|>": ids[f"<|{x}|>"] for x in LANGS}
+        gc.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    model.generation_config = gc
+    return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return tiny_whisper_with_processor(True)
+
+
+@pytest.fixture(scope="module")
+def english_only():
+    return tiny_whisper_with_processor(False, seed=1)
+
+
+def spy_generate(model, calls: list[dict]):
+    """Record generate()'s keyword arguments while still running it."""
+    original = model.generate
+
+    def generate(**kwargs):
+        seen = {k: v for k, v in kwargs.items() if k != "input_features"}
+        calls.append(seen | {"batch": len(kwargs["input_features"])})
+        return original(**kwargs)
+
+    return SimpleNamespace(generate=generate, generation_config=model.generation_config, parameters=model.parameters,
+                           state_dict=model.state_dict, to=model.to, eval=model.eval, config=model.config)
+
+
+def write_set(root: Path, rows: list[tuple[str, str, str | None, float]]) -> Path:
+    """Audio (a quiet tone) + manifest.jsonl; rows are (id, text, lang, seconds)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for uid, text, lang, seconds in rows:
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        sf.write(str(root / f"{uid}.flac"), (0.05 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16_000)
+        lines.append(json.dumps({"id": uid, "audio": f"{uid}.flac", "text": text, "lang": lang}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "manifest.jsonl"
+
+
+MIXED = [("e1", "Hello world", "en", 1.0), ("e2", "Good morning", "en", 0.6), ("d1", "Guten Tag", "de", 0.8),
+         ("z1", "你好世界", "zh", 0.7), ("x1", "bonjour", "fr", 0.5)]
+
+
+# --------------------------------------------------------------------------- normalisation and metrics
+
+
+def test_english_normaliser_is_whispers() -> None:
+    assert normalize("Mr. Smith's colour is twenty-five dollars!", "en") == "mister smith is color is $25"
+    assert normalize("  I won't [laughs] go, uh, there.  ", "en") == "i will not go there"
+
+
+def test_basic_normaliser_for_other_languages_and_cer_scripts() -> None:
+    assert normalize("Über die Straße, bitte!", "de") == "über die straße bitte"
+    assert normalize("你好，世界！", "zh") == "你 好 世 界"
+    assert normalize("Hello, World", None) == "hello world"
+
+
+def test_error_counts_and_corpus_rate_is_not_a_mean_of_rates() -> None:
+    e = word_errors("a b c d", "a x c d e")
+    assert (e.substitutions, e.deletions, e.insertions, e.n_ref, e.errors) == (1, 0, 1, 4, 2)
+    assert word_errors("", "a b").errors == 2 and word_errors("", "").n_ref == 0
+    assert char_errors("abc", "abd").errors == 1
+    # one 1-word utterance fully wrong + one 9-word utterance perfect: corpus 10%, mean of rates 50%
+    assert corpus_rate([1, 0], [1, 9]) == pytest.approx(0.1)
+    assert np.isnan(corpus_rate([0], [0]))
+
+
+def test_paired_bootstrap_marks_real_and_null_differences() -> None:
+    rng = np.random.default_rng(1)
+    n_ref = rng.integers(5, 30, size=200)
+    base = rng.binomial(n_ref, 0.10)
+    same = paired_bootstrap(base, base, n_ref, n_draws=2000)
+    assert same.delta == 0 and same.low == 0 and same.high == 0 and same.mark == "ns"
+    worse = base + rng.binomial(n_ref, 0.05)
+    b = paired_bootstrap(worse, base, n_ref, n_draws=2000, seed=3)
+    assert b.significant and b.mark == "✱" and 0 < b.low < b.delta < b.high
+    assert b.delta == pytest.approx(corpus_rate(worse, n_ref) - corpus_rate(base, n_ref))
+    assert paired_bootstrap(worse, base, n_ref, n_draws=2000, seed=3) == b  # seeded: reproducible
+    noise = base + rng.integers(-1, 2, size=200).clip(min=-base)
+    assert paired_bootstrap(noise, base, n_ref, n_draws=2000).mark == "ns"
+
+
+# --------------------------------------------------------------------------- evaluate on tiny random models
+
+
+def test_evaluate_groups_by_language_and_prompts_each(tmp_path: Path, multi) -> None:
+    model, proc = multi
+    data = open_dataset(write_set(tmp_path / "data", MIXED))
+    calls: list[dict] = []
+    out = tmp_path / "out"
+    res = evaluate(spy_generate(model, calls), proc, data, batch_size=4, out_dir=out, max_new_tokens=4,
+                   tag="tiny-multi", progress=False)
+    assert sorted(c.get("language") for c in calls) == ["de", "en", "zh"]
+    assert all(c["task"] == "transcribe" and c["num_beams"] == 1 for c in calls)
+    assert {r.language for r in res.languages} == {"de", "en", "zh"}
+    assert res.overall.n_utterances == 4
+    assert res.skipped.by_reason() == {"unsupported language": 1}  # fr is not in the tiny vocabulary
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("wer", "cer", "n_utterances", "n_words", "languages", "skipped", "settings"):
+        assert key in summary
+    assert summary["languages"]["zh"]["primary"] == "cer"
+    assert summary["timing"]["model"]["audio_seconds"] == pytest.approx(1.0 + 0.6 + 0.8 + 0.7, abs=0.01)
+    assert summary["timing"]["model"]["rtf"] > 0
+    assert summary["n_words"] == 2 + 2 + 2 + 4  # zh is split into characters
+    lines = (out / "utterances.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 4 and "_run" in json.loads(lines[0])
+    rec = json.loads(lines[1])
+    assert {"id", "model", "reference", "hypothesis", "word_errors", "n_words", "char_errors", "n_chars"} <= set(rec)
+    assert "| **all** |" in (out / "summary.md").read_text()
+
+
+def test_english_only_models_get_no_language_prompt(tmp_path: Path, english_only) -> None:
+    model, proc = english_only
+    data = open_dataset(write_set(tmp_path / "data", MIXED))
+    calls: list[dict] = []
+    res = evaluate(spy_generate(model, calls), proc, data, out_dir=tmp_path / "o", max_new_tokens=3, progress=False,
+                   num_beams=2)
+    assert calls and all("language" not in c and "task" not in c and c["num_beams"] == 2 for c in calls)
+    assert [r.language for r in res.languages] == ["en"]
+    assert res.skipped.by_reason() == {"unsupported language": 3}
+
+
+def test_long_clips_are_decoded_long_form_or_skipped(tmp_path: Path, multi) -> None:
+    model, proc = multi
+    data = open_dataset(write_set(tmp_path / "data", [("long", "a long one", "en", 31.0), ("s", "short", "en", 1.0)]))
+    calls: list[dict] = []
+    evaluate(spy_generate(model, calls), proc, data, out_dir=tmp_path / "a", max_new_tokens=3, progress=False)
+    long_calls = [c for c in calls if c.get("return_timestamps")]
+    assert len(long_calls) == 1 and "attention_mask" in long_calls[0] and len(calls) == 2
+    recs = [json.loads(x) for x in (tmp_path / "a" / "utterances.jsonl").read_text().splitlines()[1:]]
+    assert {r["id"]: r["long_form"] for r in recs} == {"long": True, "s": False}
+    res = evaluate(model, proc, data, out_dir=tmp_path / "b", max_new_tokens=3, progress=False, long_audio="skip")
+    assert res.skipped.by_reason() == {"too long": 1} and res.overall.n_utterances == 1
+
+
+def test_resume_skips_done_utterances_and_refuses_other_settings(tmp_path: Path, multi, monkeypatch) -> None:
+    model, proc = multi
+    data = open_dataset(write_set(tmp_path / "data", MIXED[:4]))
+    out = tmp_path / "out"
+    evaluate(model, proc, data.samples[:2], out_dir=out, max_new_tokens=3, progress=False, tag="m")
+    log = out / "utterances.jsonl"
+    with log.open("a") as fh:
+        fh.write('{"model": "model", "id": "tor')  # a run killed mid-line
+    decoded: list[str] = []
+    real = ev.transcribe
+    monkeypatch.setattr(ev, "transcribe", lambda c, audios, lang, **kw: decoded.extend([lang] * len(audios))
+                        or real(c, audios, lang, **kw))
+    res = evaluate(model, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m")
+    assert len(decoded) == 2 and res.overall.n_utterances == 4
+    ids = [json.loads(x).get("id") for x in log.read_text().splitlines()[1:]]
+    assert sorted(ids) == sorted(s.id for s in data.samples)
+    with pytest.raises(SlimWhisperError, match="different run.*num_beams"):
+        evaluate(model, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m", num_beams=2)
+    other, _ = tiny_whisper_with_processor(True, seed=5)
+    with pytest.raises(SlimWhisperError, match="different run"):
+        evaluate(other, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m")
+
+
+def test_baseline_comparison_with_paired_bootstrap(tmp_path: Path, multi, monkeypatch) -> None:
+    model, proc = multi
+    other, _ = tiny_whisper_with_processor(True, seed=7)
+    rows = [(f"u{i}", "the cat sat on the mat today", "en", 0.5) for i in range(30)]
+    data = open_dataset(write_set(tmp_path / "data", rows))
+    perfect = {id(model)}  # the model transcribes perfectly, the baseline drops the last word
+
+    def fake(c, audios, lang, **kw):
+        text = "the cat sat on the mat today" if id(c.model) in perfect else "the cat sat on the mat"
+        return [text] * len(audios)
+
+    monkeypatch.setattr(ev, "transcribe", fake)
+    res = evaluate(model, proc, data, out_dir=tmp_path / "o", baseline=(other, proc), tag="small", baseline_tag="orig",
+                   n_bootstrap=1000, progress=False)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["wer"] == 0 and s["baseline_wer"] == pytest.approx(1 / 7)
+    assert s["delta_wer"] == pytest.approx(-1 / 7) and s["delta_wer_significant"] and s["delta_wer_mark"] == "✱"
+    assert s["languages"]["en"]["delta_wer_ci"][1] < 0 and s["baseline"] == "orig"
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "ΔWER [95% CI]" in md and "✱" in md
+    assert res.overall.delta_wer is not None
+    # the same weights as their own baseline: no difference, not significant
+    same = evaluate(model, proc, data, out_dir=tmp_path / "p", baseline=(model, proc), n_bootstrap=500, progress=False)
+    assert same.overall.delta_wer.delta == 0 and same.overall.delta_wer.mark == "ns"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["eval", *argv])
+
+
+def test_cli_writes_summary_and_filters_language(tmp_path: Path, multi, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_load", lambda name, device, dtype: multi)
+    manifest = write_set(tmp_path / "data", MIXED[:4])
+    out = tmp_path / "out"
+    args = parse(["tiny", "--data", str(manifest), "--baseline", "tiny", "--language", "en", "--limit", "1",
+                  "--out", str(out), "--max-new-tokens", "3", "--bootstrap", "200", "--no-progress"])
+    assert cli.run(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_utterances"] == 1 and list(s["languages"]) == ["en"] and s["model"] == "tiny"
+    assert {"delta_wer", "delta_wer_ci", "delta_wer_significant"} <= set(s)
+    assert "| **all** |" in capsys.readouterr().out
+    assert cli.main(["eval", "tiny", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SlimWhisperError, match="no usable samples in language 'ru'"):
+        cli.run(parse(["tiny", "--data", str(manifest), "--language", "ru", "--out", str(out)]))
+
+
+# --------------------------------------------------------------------------- real weights
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    """The real tiny.en through slimwhisper.loading, or a skip saying what is missing."""
+    loading = pytest.importorskip("slimwhisper.loading")
+    if not hasattr(loading, "load") or not (SHARED / "realspeech" / "manifest.jsonl").is_file():
+        pytest.skip("needs slimwhisper.loading.load and the shared realspeech clips")
+    try:
+        return loading.load("tiny.en")
+    except SlimWhisperError as exc:
+        pytest.skip(f"tiny.en weights are not installed: {exc}")
+
+
+@pytest.mark.real
+def test_real_tiny_en_on_realspeech(tmp_path: Path, tiny_en) -> None:
+    model, proc = tiny_en
+    data = open_dataset(SHARED / "realspeech" / "manifest.jsonl", keep_language="en")
+    picks = [s for s in data if not s.id.startswith("en_lj_")][:3] + [s for s in data if s.id.startswith("en_lj_")][:2]
+    started = time.perf_counter()
+    res = evaluate(model, proc, picks, out_dir=tmp_path, batch_size=5, progress=False)
+    assert res.overall.n_utterances == 5 and res.overall.n_words > 40
+    assert 0.0 <= res.wer < 0.30, (tmp_path / "utterances.jsonl").read_text()
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.real
+def test_real_tiny_en_long_form_over_30_s(tmp_path: Path, tiny_en) -> None:
+    from slimwhisper.audio import load_audio
+
+    model, proc = tiny_en
+    data = open_dataset(SHARED / "realspeech" / "manifest.jsonl", keep_language="en")
+    clips = [s for s in data if s.id.startswith("en_lj_") and (s.duration or 0) > 7][:4]
+    audio = np.concatenate([load_audio(s.audio) for s in clips])
+    assert len(audio) > 31 * 16_000
+    sf.write(str(tmp_path / "long.flac"), audio, 16_000)
+    long = Sample("long", tmp_path / "long.flac", " ".join(s.text for s in clips), "en", len(audio) / 16_000)
+    res = evaluate(model, proc, [long], out_dir=tmp_path / "out", progress=False)
+    rec = json.loads((tmp_path / "out" / "utterances.jsonl").read_text().splitlines()[1])
+    assert rec["long_form"] and res.overall.n_words > 60
+    assert res.wer < 0.30, rec["hypothesis"]
