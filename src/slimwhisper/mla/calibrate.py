@@ -116,7 +116,7 @@ def collect_attention_stats(
             recording.active, recording.mask = True, None
             encoded = model.get_encoder()(features)
             recording.active = False
-            sequences = _transcribe(model, features, encoded, max_new_tokens)
+            sequences = _transcribe(model, encoded, max_new_tokens)
             recording.active, recording.mask = True, valid_token_mask(sequences, eos)
             model(encoder_outputs=encoded, decoder_input_ids=sequences, use_cache=False)
             recording.active = False
@@ -130,12 +130,11 @@ def collect_attention_stats(
     return stats
 
 
-def _transcribe(model: nn.Module, features: torch.Tensor, encoded, max_new_tokens: int) -> torch.Tensor:
+def _transcribe(model: nn.Module, encoded, max_new_tokens: int) -> torch.Tensor:
     """Greedy token sequences for a batch, decoder prompt included (SOT, language, task, ...)."""
     max_new_tokens = min(max_new_tokens, model.config.max_target_positions - 8)  # room for the prompt
     out = model.generate(
-        features,
-        encoder_outputs=encoded,
+        encoder_outputs=encoded,  # not the features too: language detection refuses both
         max_new_tokens=max_new_tokens,
         num_beams=1,
         do_sample=False,
