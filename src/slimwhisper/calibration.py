@@ -43,18 +43,21 @@ def calibration_audio(source: CalibrationSource, limit: int | None = None) -> li
 
 
 def _paths_in(path: Path) -> list:
-    """Audio files named by a path: the file itself, a folder's audio files, or a dataset's samples."""
+    """Audio named by a path: the file itself, a dataset's samples, or a plain folder's audio files.
+
+    Calibration needs no transcripts, so a folder of audio without any dataset layout is fine.
+    """
+    from .data import open_dataset
+
     if path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES:
         return [path]
     try:  # any layout the data layer reads (manifest, LibriSpeech, Common Voice, ...)
-        from .data import open_dataset
-
         return [sample.audio for sample in open_dataset(path)]
-    except ImportError:
-        pass
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-    raise SlimWhisperError(f"calibration source {path} is not an audio file, folder or dataset; check the path")
+    except SlimWhisperError:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else []
+        if not files:
+            raise
+        return files
 
 
 def feature_batches(
