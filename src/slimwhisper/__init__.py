@@ -4,6 +4,7 @@
     model, processor = sw.load("tiny.en")
     slim = sw.convert(model, sw.MLAConfig(kv_reduction=0.75))   # calibrates on bundled audio
     slim.save_pretrained("tiny-mla75"); processor.save_pretrained("tiny-mla75")
+    lite = sw.convert(slim, sw.LowRankConfig(preset="b"))      # and a low-rank encoder on top
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from . import models  # noqa: F401  (registers the HF config/model classes with the Auto classes)
 from .errors import AudioError, ConfigVersionError, ModelNotFoundError, SlimWhisperError
+from .lowrank import LowRankConfig, LowRankLinear, WhisperLowRankAttention
 from .memory import KVCacheBytes, kv_cache_bytes
 from .mla import MLAConfig, WhisperMLAAttention, set_decode_mode
 from .models import SlimWhisperConfig, SlimWhisperForConditionalGeneration
@@ -18,7 +20,9 @@ from .models import SlimWhisperConfig, SlimWhisperForConditionalGeneration
 __version__ = "0.1.0"
 
 
-def convert(model, config: MLAConfig, calibration: Any = None, **kwargs) -> SlimWhisperForConditionalGeneration:
+def convert(
+    model, config: MLAConfig | LowRankConfig, calibration: Any = None, **kwargs
+) -> SlimWhisperForConditionalGeneration:
     """Compress `model` as `config` says and return the compressed copy (the input is left unchanged).
 
     `calibration` is audio for the data-aware parts of a recipe (a path, a list of paths or 16 kHz
@@ -28,6 +32,10 @@ def convert(model, config: MLAConfig, calibration: Any = None, **kwargs) -> Slim
         from .mla import convert_mla
 
         return convert_mla(model, config, calibration, **kwargs)
+    if isinstance(config, LowRankConfig):
+        from .lowrank import convert_lowrank
+
+        return convert_lowrank(model, config, calibration, **kwargs)
     raise SlimWhisperError(f"unknown compression config {type(config).__name__}")
 
 
@@ -42,11 +50,14 @@ __all__ = [
     "AudioError",
     "ConfigVersionError",
     "KVCacheBytes",
+    "LowRankConfig",
+    "LowRankLinear",
     "MLAConfig",
     "ModelNotFoundError",
     "SlimWhisperConfig",
     "SlimWhisperError",
     "SlimWhisperForConditionalGeneration",
+    "WhisperLowRankAttention",
     "WhisperMLAAttention",
     "convert",
     "kv_cache_bytes",

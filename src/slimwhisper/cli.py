@@ -1,4 +1,4 @@
-"""`slimwhisper` command line: convert, info, transcribe, eval, demo.
+"""`slimwhisper` command line: convert, compress-encoder, info, transcribe, eval, demo.
 
 User mistakes (bad paths, unknown models, impossible ranks) print one line and exit with code 2.
 """
@@ -41,6 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         kv_reduction=args.kv_reduction,
         selection=args.selection,
         factorization=args.factorization,
+        damping=args.damping,
     )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -54,6 +55,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
     summary = describe(slim.config)
     keys = ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")
     print(json.dumps({"out": str(out), **{k: summary[k] for k in keys}}))
+    return 0
+
+
+def cmd_compress_encoder(args: argparse.Namespace) -> int:
+    from . import convert, load
+    from .info import describe
+    from .loading.processor import save_processor
+    from .lowrank import STATS_FILE, LowRankConfig, parse_theta
+
+    kwargs = {"energy": args.energy, "granule": args.granule}
+    if args.targets:
+        kwargs["targets"] = _modules(args.targets)
+    if args.theta is not None:
+        kwargs["theta_attn"], kwargs["theta_mlp"] = parse_theta(args.theta)
+    elif args.rank is not None:
+        kwargs["rank"] = args.rank
+    else:
+        kwargs["preset"] = args.preset or "b"
+    if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
+        raise SlimWhisperError("give only one of --preset, --theta, --rank")
+    config = LowRankConfig(**kwargs)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    model, processor = load(args.model, device=_device(args.device))
+    calibration = args.stats if args.stats else args.calibration
+    slim = convert(
+        model,
+        config,
+        calibration=calibration,
+        calibration_limit=args.calibration_limit,
+        progress=not args.quiet,
+        stats_out=out / STATS_FILE,
+    )
+    if args.format == "lite-whisper":
+        from .lowrank import save_lite_whisper
+
+        save_lite_whisper(slim, out)
+    else:
+        slim.save_pretrained(out)
+    save_processor(processor, out)
+    summary = describe(slim.config)
+    enc = summary["encoder_params"]
+    print(json.dumps({"out": str(out), "encoder_params": enc, "encoder_ratio": enc["compressed"] / enc["original"],
+                      "compressed_linears": len(summary["lowrank"]["ranks"])}))
     return 0
 
 
@@ -119,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", type=int, help="total latent width")
     p.add_argument("--selection", default="uniform", choices=["uniform", "high", "low", "2norm"])
     p.add_argument("--factorization", default="activation", choices=["activation", "joint", "split"])
+    p.add_argument("--damping", type=float, default=0.1, help="activation-aware ridge (default 0.1; lower it "
+                   "for calibration sets of thousands of utterances)")
     p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
     p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
     p.add_argument("--out", required=True, help="output directory (HF model + processor)")
@@ -126,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
+    p.add_argument("model", help="tiny.en, base, a (converted) model directory or a hub id")
+    p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality, b: balanced (default), c: efficiency")
+    p.add_argument("--theta", help="energy thresholds ATTN:MLP, e.g. 0.99:0.999 (one value: both)")
+    p.add_argument("--rank", type=int, help="one fixed rank for every encoder linear")
+    p.add_argument("--energy", default="linear", choices=["linear", "squared"],
+                   help="rank energy: singular values (linear, default) or their squares (the paper)")
+    p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")
+    p.add_argument("--targets", nargs="+", help="linears of each encoder layer (default: self_attn.q_proj "
+                   "self_attn.k_proj self_attn.v_proj self_attn.out_proj fc1 fc2)")
+    p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
+    p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
+    p.add_argument("--stats", help="reuse saved statistics (encoder_stats.safetensors or a directory holding it)")
+    p.add_argument("--format", default="hf", choices=["hf", "lite-whisper"], help="output layout (default hf)")
+    p.add_argument("--out", required=True, help="output directory (model, processor, encoder_stats.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress_encoder)
 
     p = sub.add_parser("info", help="describe a model: cache bytes, geometry, parameters")
     p.add_argument("model", help="a converted directory or anything `convert --model` accepts")

@@ -22,6 +22,10 @@ def original_config(config: WhisperConfig) -> WhisperConfig:
     return WhisperConfig(**data)
 
 
+def _encoder_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.get_encoder().parameters())
+
+
 def describe(config: WhisperConfig) -> dict[str, Any]:
     """A JSON-able summary; cache bytes are fp16, batch 1 (self: per token, cross: per 30-s utterance)."""
     original = original_config(config)
@@ -31,10 +35,16 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
             if isinstance(config, SlimWhisperConfig)
             else WhisperForConditionalGeneration(config)
         )
-        original_params = _parameters(WhisperForConditionalGeneration(original))
+        original_model = WhisperForConditionalGeneration(original)
+        original_params = _parameters(original_model)
+        encoder_params = {
+            "original": _encoder_parameters(original_model),
+            "compressed": _encoder_parameters(compressed_model),
+        }
     before, after = kv_cache_bytes(original), kv_cache_bytes(config)
     compression = dict(getattr(config, "compression", None) or {})
     mla = compression.get("mla", {})
+    lowrank = compression.get("lowrank", {})
     return {
         "model_type": type(config).model_type,
         "d_model": config.d_model,
@@ -62,6 +72,8 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         }
         if mla
         else None,
+        "encoder_params": encoder_params,
+        "lowrank": {"recipe": lowrank.get("recipe"), "ranks": dict(lowrank.get("layers", {}))} if lowrank else None,
         "compression_format_version": compression.get("format_version"),
         "source": getattr(config, "slimwhisper_source", None),
     }

@@ -46,6 +46,11 @@ class MLAConfig:
         factorization: "activation" (default: joint SVD weighted by the layer inputs' second moment
             on calibration audio), "joint" (SVD of [W_k rows not kept; W_v], weights only, as the
             paper) or "split" (separate SVDs of the key and value parts, half the latent each).
+        damping: for "activation": ridge added to the input second moment, as a fraction of its mean
+            eigenvalue, so directions the calibration audio rarely excites keep some weight. The decoder
+            sees only a few hundred tokens in the bundled clips (fewer rows than d_model): measured on
+            real speech at 75%, 0.01 broke base (+38 WER points on 16 clips) while 0.1 and 1.0 matched
+            the original. Lower it when calibrating on thousands of utterances.
         version: format version of this recipe.
     """
 
@@ -56,6 +61,7 @@ class MLAConfig:
     kv_reduction: float | None = None
     selection: str = "uniform"
     factorization: str = "activation"
+    damping: float = 0.1
     version: int = field(default=MLA_FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -86,6 +92,8 @@ class MLAConfig:
             raise SlimWhisperError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
         if self.selection in ("high", "low") and self.kept_dims % 2:
             raise SlimWhisperError(f"selection {self.selection!r} keeps pairs of dims: kept_dims must be even")
+        if self.damping < 0:
+            raise SlimWhisperError(f"damping must be >= 0, got {self.damping}")
         if self.factorization not in FACTORIZATIONS:
             raise SlimWhisperError(
                 f"unknown factorization {self.factorization!r}; choose from {', '.join(FACTORIZATIONS)}"

@@ -7,7 +7,6 @@ whose config records the recipe and the exact geometry of every converted module
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -16,7 +15,8 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..calibration import CalibrationSource, calibration_audio, feature_batches
 from ..errors import SlimWhisperError
-from ..models import SlimWhisperConfig, SlimWhisperForConditionalGeneration, register_geometry
+from ..models import SlimWhisperForConditionalGeneration, register_geometry
+from ..models.rebuild import rebuild as _rebuild
 from .calibrate import AttentionStats, collect_attention_stats
 from .config import MLAConfig
 from .math import factorize_kv, head_permutation, kept_dim_indices, split_head_dims
@@ -28,10 +28,6 @@ MODULE_PATHS = {
     "decoder_cross": ("model.decoder.layers", "encoder_attn"),
     "encoder_self": ("model.encoder.layers", "self_attn"),
 }
-# Ridge added to the input second moment, as a fraction of its mean eigenvalue: directions that
-# the calibration audio never excites still get a little weight, so a small calibration set
-# does not make the factorisation blind to them.
-ACTIVATION_DAMPING = 0.01
 
 
 def find_targets(model: nn.Module, modules: tuple[str, ...]) -> dict[str, tuple[WhisperAttention, str]]:
@@ -53,6 +49,7 @@ def mla_state(
     latent_dim: int,
     factorization: str,
     second_moment: torch.Tensor | None,
+    damping: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Weights of the MLA module that replaces `attn` (names relative to the module)."""
     head_dim = attn.head_dim
@@ -63,7 +60,7 @@ def mla_state(
     if factorization == "activation":
         if second_moment is None:
             raise SlimWhisperError("activation-aware factorisation needs calibration audio")
-        ridge = ACTIVATION_DAMPING * second_moment.diagonal().mean()
+        ridge = damping * second_moment.diagonal().mean()
         moment = second_moment + ridge * torch.eye(second_moment.shape[0], dtype=second_moment.dtype)
     down, up_k, up_v = factorize_kv(w_k[comp_rows], w_v, latent_dim, moment, split=factorization == "split")
     state = {
@@ -142,28 +139,11 @@ def convert_mla(
         score = stats[name].qk_score(attn.num_heads) if name in stats else None
         kept = kept_dim_indices(config.selection, attn.num_heads, attn.head_dim, config.kept_dims, score)
         moment = stats[name].second_moment() if name in stats else None
-        for key, value in mla_state(attn, kept, d_c, config.factorization, moment).items():
+        for key, value in mla_state(attn, kept, d_c, config.factorization, moment, config.damping).items():
             new_state[f"{name}.{key}"] = value
         layers[name] = {"latent_dim": d_c, "kept_dims": kept.tolist()}
     spec = {"recipe": config.to_dict(), "layers": layers}
     return _rebuild(model, {"mla": spec}, new_state, replaced=tuple(targets))
-
-
-def _rebuild(
-    model: nn.Module, compression: dict[str, Any], new_state: dict[str, torch.Tensor], replaced: tuple[str, ...]
-) -> SlimWhisperForConditionalGeneration:
-    """Build the compressed model from its config (as `from_pretrained` would) and load weights strictly."""
-    config = SlimWhisperConfig.from_whisper(model.config, compression)
-    config._attn_implementation = model.config._attn_implementation
-    with torch.device("meta"):
-        new = SlimWhisperForConditionalGeneration(config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(p + "." for p in replaced))}
-    state.update(new_state)
-    new.load_state_dict(state, strict=True, assign=True)
-    new.tie_weights()
-    new.generation_config = copy.deepcopy(model.generation_config)
-    new.train(model.training)
-    return new
 
 
 def build_geometry(model: nn.Module, spec: dict[str, Any]) -> None:

@@ -1,0 +1,144 @@
+"""`LowRankConfig`: the recipe for LiteASR-style activation-PCA low-rank compression of the encoder.
+
+A frozen, validated, versioned dataclass like `MLAConfig`. It says how ranks are chosen; the ranks
+that result (one per compressed linear) are computed at conversion time and stored in the model
+config (`compression["lowrank"]["layers"]`), so a saved model rebuilds its exact shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigVersionError, SlimWhisperError
+
+LOWRANK_FORMAT_VERSION = 1
+
+# The six linears of every encoder layer, named relative to the layer.
+TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+ATTENTION_TARGETS = TARGETS[:4]
+ENERGIES = ("linear", "squared")
+
+# Presets per energy mode: (theta_attn, theta_mlp). "a" = quality, "b" = balanced, "c" = efficiency.
+# Squared energy: the LiteASR paper/code values (0.999 everywhere; the code default 0.99:0.999; a lower
+# MLP threshold). Linear (unsquared singular value) energy keeps more components at the same theta, so
+# its presets were chosen to give the same encoder size as the squared ones on tiny.en (see README).
+PRESETS: dict[str, dict[str, tuple[float, float]]] = {
+    "squared": {"a": (0.999, 0.999), "b": (0.99, 0.999), "c": (0.99, 0.995)},
+    "linear": {"a": (0.93, 0.95), "b": (0.9, 0.93), "c": (0.85, 0.9)},
+}
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """How to factorise encoder linears into two smaller ones by PCA of their outputs.
+
+    Per linear y = W x + b, the rank k is the smallest multiple of `granule` whose share of the
+    output-activation energy exceeds the threshold (attention or MLP); the layer stays dense when
+    k (d_in + d_out) >= d_in d_out, i.e. when the two linears would not save compute.
+
+    Args:
+        theta_attn: energy threshold for q/k/v/out_proj (1.0 = all components, exact).
+        theta_mlp: energy threshold for fc1/fc2.
+        preset: "a" (quality), "b" (balanced) or "c" (efficiency); sets both thetas for `energy`.
+        rank: a fixed rank for every target instead of thresholds (rounded to nothing; dense rule applies).
+        energy: "linear" (default: sum of singular values; on tiny.en it degrades gracefully where
+            squared energy at the same size collapsed) or "squared" (sum of squared singular values =
+            explained variance, the LiteASR paper; better at the quality preset "a").
+        granule: ranks are multiples of this (16; 8 suits tiny models).
+        targets: which linears of every encoder layer to consider (names relative to the layer).
+        dense_if_no_saving: keep a layer dense when the factorisation is not smaller (always on in
+            practice; off only to test exactness of full-rank factorisations).
+        version: format version of this recipe.
+    """
+
+    theta_attn: float | None = None
+    theta_mlp: float | None = None
+    preset: str | None = None
+    rank: int | None = None
+    energy: str = "linear"
+    granule: int = 16
+    targets: tuple[str, ...] = TARGETS
+    dense_if_no_saving: bool = True
+    version: int = field(default=LOWRANK_FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+        if self.version > LOWRANK_FORMAT_VERSION:
+            raise ConfigVersionError(
+                f"low-rank recipe version {self.version} is newer than this slimwhisper understands "
+                f"({LOWRANK_FORMAT_VERSION}); upgrade slimwhisper"
+            )
+        if not self.targets:
+            raise SlimWhisperError("LowRankConfig.targets is empty; choose from " + ", ".join(TARGETS))
+        for t in self.targets:
+            if t not in TARGETS:
+                raise SlimWhisperError(f"unknown low-rank target {t!r}; choose from {', '.join(TARGETS)}")
+        if self.energy not in ENERGIES:
+            raise SlimWhisperError(f"unknown energy {self.energy!r}; choose from {', '.join(ENERGIES)}")
+        if self.granule not in (8, 16):
+            raise SlimWhisperError(f"granule must be 16 (or 8 for tiny models), got {self.granule}")
+        thetas = self.theta_attn is not None or self.theta_mlp is not None
+        options = (("theta", thetas), ("preset", self.preset is not None), ("rank", self.rank is not None))
+        given = [n for n, ok in options if ok]
+        if len(given) > 1:
+            raise SlimWhisperError(f"give only one of theta, preset, rank (got {', '.join(given)})")
+        if not given:
+            object.__setattr__(self, "preset", "b")
+        if self.preset is not None:
+            if self.preset not in PRESETS[self.energy]:
+                raise SlimWhisperError(f"unknown preset {self.preset!r}; choose a, b or c")
+            attn, mlp = PRESETS[self.energy][self.preset]
+            object.__setattr__(self, "theta_attn", attn)
+            object.__setattr__(self, "theta_mlp", mlp)
+        elif thetas:
+            attn = self.theta_attn if self.theta_attn is not None else self.theta_mlp
+            mlp = self.theta_mlp if self.theta_mlp is not None else self.theta_attn
+            object.__setattr__(self, "theta_attn", float(attn))
+            object.__setattr__(self, "theta_mlp", float(mlp))
+        for name in ("theta_attn", "theta_mlp"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise SlimWhisperError(f"{name} must be in (0, 1], e.g. 0.99, got {value}")
+        if self.rank is not None and self.rank <= 0:
+            raise SlimWhisperError(f"rank must be positive, got {self.rank}")
+
+    def theta_for(self, target: str) -> float | None:
+        """The threshold for a target name (None in fixed-rank mode)."""
+        if self.rank is not None:
+            return None
+        return self.theta_attn if target.startswith("self_attn.") else self.theta_mlp
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LowRankConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigVersionError(
+                f"low-rank recipe has unknown fields {sorted(unknown)}; it was written by another slimwhisper version"
+            )
+        data = dict(data)
+        if "targets" in data:
+            data["targets"] = tuple(data["targets"])
+        if data.get("preset") is not None:  # thetas are derived from the preset
+            data.pop("theta_attn", None)
+            data.pop("theta_mlp", None)
+        return cls(**data)
+
+
+def parse_theta(text: str) -> tuple[float, float]:
+    """`"0.99:0.999"` -> (attention, MLP); a single value applies to both."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise SlimWhisperError(f"--theta must look like 0.99 or 0.99:0.999, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise SlimWhisperError(f"--theta must look like 0.99 or 0.99:0.999, got {text!r}")

@@ -1,0 +1,146 @@
+"""Pure functions of LiteASR-style compression: rank choice, PCA factors, low-rank attention.
+
+A linear y = W x + b whose outputs have mean mu and covariance C = V diag(lambda) V^T is replaced
+by y ~ mu + V_k V_k^T (y - mu) = V_k (V_k^T W) x + [mu + V_k V_k^T (b - mu)]: a down projection
+V_k^T W [k, d_in] without bias, an up projection V_k [d_out, k] with the corrected bias.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pca_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns) of a covariance, in float64."""
+    cov = cov.double()
+    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    return values.flip(0).clamp_min(0.0), vectors.flip(1)
+
+
+def energy_rank(
+    eigenvalues: torch.Tensor,
+    theta: float,
+    granule: int,
+    d_in: int,
+    d_out: int,
+    energy: str = "linear",
+    dense_if_no_saving: bool = True,
+) -> int | None:
+    """The rank for one linear, or None when it should stay dense.
+
+    k is the smallest multiple of `granule` below d_out whose energy ratio is strictly greater than
+    theta; energy is the sum of singular values of the centred outputs ("linear", sqrt of the
+    covariance eigenvalues) or of their squares ("squared", the eigenvalues: explained variance).
+    theta >= 1 asks for every component (k = d_out). When no multiple passes the layer stays dense
+    (LiteASR fell through to d_out - 1 components here, a factorisation larger than the layer), and
+    when k (d_in + d_out) >= d_in d_out the factorisation would not save compute, so it stays dense.
+    """
+    values = eigenvalues.double().clamp_min(0.0)
+    weights = values.sqrt() if energy == "linear" else values
+    total = float(weights.sum())
+    if theta >= 1.0:
+        k: int | None = d_out
+    elif total <= 0.0:  # constant outputs: any rank reproduces them through the bias
+        k = granule
+    else:
+        cumulative = torch.cumsum(weights, 0) / total
+        k = None
+        for j in range(granule, d_out, granule):
+            if float(cumulative[min(j, len(cumulative)) - 1]) > theta:
+                k = j
+                break
+    if k is None:
+        return None
+    if dense_if_no_saving and k * (d_in + d_out) >= d_in * d_out:
+        return None
+    return k
+
+
+def fixed_rank(rank: int, d_in: int, d_out: int, dense_if_no_saving: bool = True) -> int | None:
+    """A fixed rank capped at d_out, or None when it would not save compute."""
+    k = min(rank, d_out)
+    if dense_if_no_saving and k * (d_in + d_out) >= d_in * d_out:
+        return None
+    return k
+
+
+def pca_factors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    k: int,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first [k, d_in], second [d_out, k], bias' [d_out]) in float64; see the module docstring."""
+    _, vectors = basis if basis is not None else pca_basis(cov)
+    v = vectors[:, :k].double()
+    w = weight.double()
+    mu = mean.double()
+    b = bias.double() if bias is not None else torch.zeros_like(mu)
+    first = v.T @ w
+    new_bias = mu + v @ (v.T @ (b - mu))
+    return first, v.clone(), new_bias
+
+
+def attention_flops(length: int, heads: int, head_dim: int, k_q: int, k_k: int, k_v: int) -> dict[str, int]:
+    """Multiply-adds x2 per sequence for the score and value parts of one attention, both ways.
+
+    "scores_full": up-project q and k, then L^2 d; "scores_reduced" (paper Eq. 12): fold the two up
+    projections into one [k_q, k_k] matrix per head, then scores in min(k_q, k_k) (+1 for the bias)
+    dims. "values_full": up-project v, then L^2 d; "values_reduced" (Eq. 16): weight the rank-k_v
+    values, then up-project each head's output.
+    """
+    d = heads * head_dim
+    r = min(k_q, k_k) + (1 if k_k > k_q else 0)
+    return {
+        "scores_full": 2 * length * d * (k_q + k_k) + 2 * length * length * d,
+        "scores_reduced": 2 * heads * length * k_q * k_k + 2 * heads * length * length * r,
+        "values_full": 2 * length * d * k_v + 2 * length * length * d,
+        "values_reduced": 2 * heads * length * length * k_v + 2 * length * k_v * d,
+    }
+
+
+def choose_attention_path(
+    length: int, heads: int, head_dim: int, k_q: int | None, k_k: int | None, k_v: int | None
+) -> tuple[bool, bool]:
+    """(reduce scores, reduce values) by FLOP count; a dense projection (rank None) is never reduced."""
+    d = heads * head_dim
+    flops = attention_flops(length, heads, head_dim, k_q or d, k_k or d, k_v or d)
+    scores = k_q is not None and k_k is not None and flops["scores_reduced"] < flops["scores_full"]
+    values = k_v is not None and flops["values_reduced"] < flops["values_full"]
+    return scores, values
+
+
+def reduced_scores_operands(
+    q_low: torch.Tensor,
+    k_low: torch.Tensor,
+    q_up: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_up: torch.Tensor,
+    k_bias: torch.Tensor,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head query and key operands [B, H, L, r] whose dot products equal the scores up to row constants.
+
+    q_low [B, L, k_q] and k_low [B, L, k_k] are the down-projected inputs; q_up [d, k_q], k_up [d, k_k]
+    and the biases [d] are the up projections. Q_j K_j^T = Q' M_j K'^T + 1 (B_k,j^T b_q,j)^T K'^T
+    + (terms constant along keys, cancelled by the softmax), with M_j = B_q,j^T B_k,j (paper Eq. 12).
+    """
+    batch, length, k_q = q_low.shape
+    k_k = k_low.shape[-1]
+    head_dim = q_up.shape[0] // heads
+    bq = q_up.view(heads, head_dim, k_q)
+    bk = k_up.view(heads, head_dim, k_k)
+    mixed = bq.transpose(1, 2) @ bk  # [H, k_q, k_k]
+    key_bias = torch.einsum("hd,hdk->hk", q_bias.view(heads, head_dim), bk)  # [H, k_k]
+    if k_k <= k_q:  # work in the key's rank space
+        query = torch.einsum("blq,hqk->bhlk", q_low, mixed) + key_bias[None, :, None, :]
+        key = k_low.unsqueeze(1).expand(batch, heads, length, k_k)
+        return query, key
+    # work in the query's rank space; the key-dependent bias term rides on an extra constant dim
+    key = torch.einsum("blk,hqk->bhlq", k_low, mixed)
+    extra = torch.einsum("blk,hk->bhl", k_low, key_bias).unsqueeze(-1)
+    key = torch.cat([key, extra], dim=-1)
+    ones = q_low.new_ones(batch, length, 1)
+    query = torch.cat([q_low, ones], dim=-1).unsqueeze(1).expand(batch, heads, length, k_q + 1)
+    return query, key
