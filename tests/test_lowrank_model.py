@@ -122,6 +122,12 @@ def test_composes_with_mla(tiny_model, features, stats, tmp_path, order):
         sw.convert(both, mla_cfg)
 
 
+def test_mla_on_low_rank_encoder_attention_is_refused_clearly(tiny_model, stats):
+    slim = sw.convert(tiny_model, LowRankConfig(rank=8, granule=8), calibration=stats)
+    with pytest.raises(SlimWhisperError, match="low-rank"):
+        sw.convert(slim, sw.MLAConfig(modules=("encoder_self",), factorization="joint"))
+
+
 def test_lite_whisper_round_trip(tiny_model, features, stats, tmp_path):
     slim = sw.convert(tiny_model, LowRankConfig(theta_attn=0.6, theta_mlp=0.6, granule=8), calibration=stats)
     save_lite_whisper(slim, tmp_path / "lite")

@@ -39,6 +39,10 @@ def find_targets(model: nn.Module, modules: tuple[str, ...]) -> dict[str, tuple[
             attn = getattr(layer, attr)
             if isinstance(attn, WhisperMLAAttention) or not isinstance(attn, WhisperAttention):
                 raise SlimWhisperError(f"{layers_path}.{i}.{attr} is already converted; convert the original model")
+            if not all(type(getattr(attn, n)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj")):
+                raise SlimWhisperError(
+                    f"{layers_path}.{i}.{attr} has low-rank projections; apply MLA to it before compressing the encoder"
+                )
             targets[f"{layers_path}.{i}.{attr}"] = (attn, kind)
     return targets
 
