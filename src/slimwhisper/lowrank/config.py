@@ -6,10 +6,11 @@ config (`compression["lowrank"]["layers"]`), so a saved model rebuilds its exact
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigVersionError, SlimWhisperError
+from ..recipe import Recipe
 
 LOWRANK_FORMAT_VERSION = 1
 
@@ -29,7 +30,7 @@ PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 
 
 @dataclass(frozen=True)
-class LowRankConfig:
+class LowRankConfig(Recipe):
     """How to factorise encoder linears into two smaller ones by PCA of their outputs.
 
     Per linear y = W x + b, the rank k is the smallest multiple of `granule` whose share of the
@@ -60,6 +61,7 @@ class LowRankConfig:
     targets: tuple[str, ...] = TARGETS
     dense_if_no_saving: bool = True
     version: int = field(default=LOWRANK_FORMAT_VERSION)
+    recipe_name = "low-rank recipe"
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -109,26 +111,11 @@ class LowRankConfig:
             return None
         return self.theta_attn if target.startswith("self_attn.") else self.theta_mlp
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LowRankConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigVersionError(
-                f"low-rank recipe has unknown fields {sorted(unknown)}; it was written by another slimwhisper version"
-            )
-        data = dict(data)
-        if "targets" in data:
-            data["targets"] = tuple(data["targets"])
+    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
         if data.get("preset") is not None:  # thetas are derived from the preset
-            data.pop("theta_attn", None)
-            data.pop("theta_mlp", None)
-        return cls(**data)
+            data = {k: v for k, v in data.items() if k not in ("theta_attn", "theta_mlp")}
+        return data
 
 
 def parse_theta(text: str) -> tuple[float, float]:

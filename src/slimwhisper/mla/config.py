@@ -7,10 +7,10 @@ rebuilds its exact shapes without re-running the conversion.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from ..errors import ConfigVersionError, SlimWhisperError
+from ..recipe import Recipe
 
 MLA_FORMAT_VERSION = 1
 
@@ -21,7 +21,7 @@ FACTORIZATIONS = ("activation", "joint", "split")
 
 
 @dataclass(frozen=True)
-class MLAConfig:
+class MLAConfig(Recipe):
     """How to turn multi-head attention into multi-head latent attention.
 
     Per converted module, each head keeps `kept_dims` key dimensions exact (cached as they are) and
@@ -63,6 +63,7 @@ class MLAConfig:
     factorization: str = "activation"
     damping: float = 0.1
     version: int = field(default=MLA_FORMAT_VERSION)
+    recipe_name = "MLA recipe"
 
     def __post_init__(self) -> None:
         modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
@@ -131,21 +132,3 @@ class MLAConfig:
                 f"{1 - (d_model + kept_total) / (2 * d_model):.4f} for kept_dims={self.kept_dims})"
             )
         return d_c
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modules"] = list(self.modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MLAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigVersionError(
-                f"MLA recipe has unknown fields {sorted(unknown)}; it was written by another slimwhisper version"
-            )
-        data = dict(data)
-        if "modules" in data:
-            data["modules"] = tuple(data["modules"])
-        return cls(**data)
