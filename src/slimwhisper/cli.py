@@ -28,6 +28,24 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _output_dir(args: argparse.Namespace) -> Path:
+    """`--out`, refused when it already holds files (unless --overwrite), before any slow work starts."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def _add_job_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """Arguments shared by the compression commands: calibration audio, output, device, progress."""
+    p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
+    p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import MLAConfig, convert, load
     from .info import describe
@@ -43,9 +61,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         factorization=args.factorization,
         damping=args.damping,
     )
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out = _output_dir(args)
     model, processor = load(args.model, device=_device(args.device))
     slim = convert(
         model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
@@ -76,9 +92,7 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
         raise SlimWhisperError("give only one of --preset, --theta, --rank")
     config = LowRankConfig(**kwargs)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out = _output_dir(args)
     model, processor = load(args.model, device=_device(args.device))
     calibration = args.stats if args.stats else args.calibration
     slim = convert(
@@ -167,12 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factorization", default="activation", choices=["activation", "joint", "split"])
     p.add_argument("--damping", type=float, default=0.1, help="activation-aware ridge (default 0.1; lower it "
                    "for calibration sets of thousands of utterances)")
-    p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
-    p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
-    p.add_argument("--out", required=True, help="output directory (HF model + processor)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_job_args(p, "output directory (HF model + processor)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
@@ -185,14 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")
     p.add_argument("--targets", nargs="+", help="linears of each encoder layer (default: self_attn.q_proj "
                    "self_attn.k_proj self_attn.v_proj self_attn.out_proj fc1 fc2)")
-    p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
-    p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
     p.add_argument("--stats", help="reuse saved statistics (encoder_stats.safetensors or a directory holding it)")
     p.add_argument("--format", default="hf", choices=["hf", "lite-whisper"], help="output layout (default hf)")
-    p.add_argument("--out", required=True, help="output directory (model, processor, encoder_stats.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_job_args(p, "output directory (model, processor, encoder_stats.safetensors)")
     p.set_defaults(func=cmd_compress_encoder)
 
     p = sub.add_parser("info", help="describe a model: cache bytes, geometry, parameters")
