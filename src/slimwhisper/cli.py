@@ -1,4 +1,4 @@
-"""`slimwhisper` command line: convert, compress-encoder, info, transcribe, eval, demo.
+"""`slimwhisper` command line: convert, compress-encoder, info, transcribe, eval, finetune, bench, demo.
 
 User mistakes (bad paths, unknown models, impossible ranks) print one line and exit with code 2.
 """
@@ -224,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import run as run_eval
 
     add_eval_parser(sub).set_defaults(func=run_eval)
+
+    from .finetune.cli import add_parser as add_finetune_parser
+    from .finetune.cli import run as run_finetune
+
+    add_finetune_parser(sub).set_defaults(func=run_finetune)
+
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # each bench subcommand sets its own func
     return parser
 
 

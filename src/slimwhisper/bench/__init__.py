@@ -1,0 +1,1 @@
+"""Benchmarks of what compression buys: KV memory, decode speed, encoder speed, end-to-end throughput."""

@@ -1,0 +1,1 @@
+"""A lean transcription engine: static (latent) caches, precomputed logit rules, batched long-form."""

@@ -1,0 +1,1 @@
+"""Recovery fine-tuning of compressed models against a paired, identically trained control."""
