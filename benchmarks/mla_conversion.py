@@ -105,11 +105,16 @@ def main(cfg: BenchConfig) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | variant | KV bytes/token (fp16) | WER % | Δ WER vs original (95% CI) |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | variant | KV bytes/token (fp16) | WER % | Δ WER vs original (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
     for name, rows in results["models"].items():
         for key, r in rows.items():
             d = r.get("delta_wer")
-            delta = "" if d is None else f"{100 * d['delta']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}] {d['mark']}"
+            delta = "" if d is None else (
+                f"{100 * d['delta']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}] {d['mark']}"
+            )
             lines.append(f"| {name} | {key} | {r['kv_bytes_per_token']:,} | {100 * r['wer']:.2f} | {delta} |")
     return "\n".join(lines) + "\n"
 

@@ -121,7 +121,8 @@ def optimise(variables: dict[str, np.ndarray], quantization: str) -> tuple[dict,
     aliases: dict[str, str] = {}
     for name in sorted(variables):
         value = variables[name]
-        twin = next((k for k, v in kept.items() if v.ndim and v.shape == value.shape and np.array_equal(v, value)), None)
+        same = (k for k, v in kept.items() if v.ndim and v.shape == value.shape and np.array_equal(v, value))
+        twin = next(same, None)
         if value.ndim and twin is not None:
             aliases[name] = twin
         else:
@@ -224,7 +225,8 @@ def state(model: WhisperForConditionalGeneration) -> dict[str, torch.Tensor]:
 def test_reader_returns_what_was_written(tmp_path: Path, quantization: str) -> None:
     variables, aliases = optimise(ct2_variables(tiny_model()), quantization)
     path = tmp_path / "model.bin"
-    path.write_bytes(serialise(variables, aliases, 6, {k: "bfloat16" for k, v in variables.items() if v.dtype == np.uint16}))
+    bf16 = {k: "bfloat16" for k, v in variables.items() if v.dtype == np.uint16}
+    path.write_bytes(serialise(variables, aliases, 6, bf16))
     ckpt = read_ct2(path)
     assert (ckpt.binary_version, ckpt.spec, ckpt.spec_revision) == (6, "WhisperSpec", 3)
     assert ckpt.aliases == aliases and "decoder/projection/weight" in aliases
@@ -334,7 +336,8 @@ def test_second_load_comes_from_cache_and_is_identical(converted: dict) -> None:
     assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert m1.generation_config.to_dict() == m2.generation_config.to_dict()
     assert m2.config.slimwhisper_source == m1.config.slimwhisper_source
-    assert p1.tokenizer.get_vocab() == p2.tokenizer.get_vocab() and p1.tokenizer.all_special_ids == p2.tokenizer.all_special_ids
+    assert p1.tokenizer.get_vocab() == p2.tokenizer.get_vocab()
+    assert p1.tokenizer.all_special_ids == p2.tokenizer.all_special_ids
     has_table = english_normalizer_file() is not None  # openai-whisper's spelling table, when installed
     assert (p1.tokenizer.english_spelling_normalizer is not None) == has_table
     assert (p2.tokenizer.english_spelling_normalizer is not None) == has_table

@@ -101,3 +101,43 @@ def test_absorbed_attention_equals_materialised():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=1e-5)
     assert float(probs[0, ..., :2].abs().max()) == 0.0
+
+
+def _materialised(q, latent, kept, up_k, up_v, bias_v, mask):
+    keys = torch.cat([kept, torch.einsum("bxtd,hcd->bhtc", latent, up_k)], dim=-1)
+    values = torch.einsum("bxtd,hed->bhte", latent, up_v) + bias_v[None, :, None, :]
+    scores = q @ keys.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return (scores.softmax(-1) @ values).transpose(1, 2)
+
+
+@pytest.mark.parametrize("r", [0, 3])
+@pytest.mark.parametrize("mask_kind", ["none", "float", "bool", "causal"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_absorbed_attention_on_strided_cache_views(r, mask_kind, need_weights):
+    """Length-sliced views of preallocated buffers (a static cache) give the materialised result, any mask."""
+    torch.manual_seed(1)
+    b, heads, h, d_c, t, cap = 3, 4, 8, 12, 9, 16
+    length = 3 if mask_kind == "causal" else 1
+    q = torch.randn(b, heads, length, h) * 2
+    latent_buf, kept_buf = torch.randn(b + 1, 1, cap, d_c), torch.randn(b + 1, heads, cap, r)
+    latent, kept = latent_buf[1:, :, :t], kept_buf[1:, :, :t]  # sliced along batch and length
+    assert not latent.is_contiguous() and (r == 0 or not kept.is_contiguous())
+    up_k, up_v, bias_v = torch.randn(heads, h - r, d_c), torch.randn(heads, h, d_c), torch.randn(heads, h)
+    mask = None
+    if mask_kind == "float":
+        mask = torch.zeros(b, 1, 1, t)
+        mask[0, ..., :4] = float("-inf")  # a left-padded row
+    elif mask_kind == "bool":
+        mask = torch.ones(b, 1, 1, t + 2, dtype=torch.bool)  # longer than the cache: sliced to T
+        mask[1, ..., :2] = False
+    elif mask_kind == "causal":
+        mask = torch.ones(t, t, dtype=torch.bool).tril()[-length:][None, None].expand(b, 1, -1, -1)
+    out, probs = absorbed_attention(q, latent, kept, up_k, up_v, bias_v, mask, need_weights=need_weights)
+    ref = _materialised(q, latent, kept, up_k, up_v, bias_v, None if mask is None else mask[..., :t])
+    assert out.shape == (b, length, heads, h)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert (probs is None) == (not need_weights)
+    if probs is not None:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(b, heads, length))

@@ -51,7 +51,8 @@ def step_logits(model, features, steps: int = 8) -> torch.Tensor:
 @pytest.mark.parametrize("modules", COMBOS)
 @pytest.mark.parametrize("kept", [0, 4])
 def test_full_rank_reproduces_original(tiny_model, features, modules, kept):
-    slim = sw.convert(tiny_model, sw.MLAConfig(modules=modules, kept_dims=kept, selection="uniform", factorization="joint"))
+    cfg = sw.MLAConfig(modules=modules, kept_dims=kept, selection="uniform", factorization="joint")
+    slim = sw.convert(tiny_model, cfg)
     assert isinstance(slim, sw.SlimWhisperForConditionalGeneration)
     assert sum(isinstance(m, sw.WhisperMLAAttention) for m in slim.modules()) == 2 * len(modules)
     assert (logits(slim, features) - logits(tiny_model, features)).abs().max() <= 1e-4
@@ -114,7 +115,8 @@ def test_cache_bytes_match_formula(tiny_model, features, modules):
 
 
 def _saved(tmp_path, tiny_model, **save_kwargs):
-    slim = sw.convert(tiny_model, sw.MLAConfig(modules=("decoder_self", "encoder_self"), kv_reduction=0.75, kept_dims=2))
+    cfg = sw.MLAConfig(modules=("decoder_self", "encoder_self"), kv_reduction=0.75, kept_dims=2)
+    slim = sw.convert(tiny_model, cfg)
     slim.save_pretrained(tmp_path, **save_kwargs)
     return slim
 
@@ -194,3 +196,32 @@ def test_converting_twice_is_refused(tiny_model):
     slim = sw.convert(tiny_model, sw.MLAConfig(factorization="joint"))
     with pytest.raises(SlimWhisperError, match="already"):
         sw.convert(slim, sw.MLAConfig(factorization="joint"))
+
+
+def _padded_steps(model, features, mask, steps: int = 5) -> torch.Tensor:
+    """Cached greedy decode of PROMPT with a decoder attention mask (row 0 left-padded); logits [steps, B, V]."""
+    ids, cache, out = PROMPT, None, []
+    with torch.no_grad():
+        enc = model.model.encoder(features).last_hidden_state
+        for _ in range(steps):
+            res = model(encoder_outputs=(enc,), decoder_input_ids=ids if cache is None else ids[:, -1:],
+                        decoder_attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache, last = res.past_key_values, res.logits[:, -1]
+            out.append(last)
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kept", [0, 4])
+def test_absorbed_decode_with_padded_batch_and_greedy_tokens(tiny_model, features, kept):
+    slim = sw.convert(tiny_model, sw.MLAConfig(kv_reduction=0.75, kept_dims=kept, factorization="joint",
+                                               modules=("decoder_self", "decoder_cross")))
+    mask = torch.ones_like(PROMPT)
+    mask[0, :3] = 0
+    absorbed, tokens = _padded_steps(slim, features, mask), slim.generate(features, max_new_tokens=8)
+    unmasked = _padded_steps(slim, features, torch.ones_like(PROMPT))
+    assert float((absorbed[:, 0] - unmasked[:, 0]).abs().max()) > 1e-3, "the padding mask had no effect"
+    sw.set_decode_mode(slim, "materialized")
+    torch.testing.assert_close(absorbed, _padded_steps(slim, features, mask), atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, slim.generate(features, max_new_tokens=8))

@@ -52,7 +52,10 @@ def test_full_rank_is_exact_on_real_weights(tiny_en, english_features):
     assert diff32 < 3e-4 and diff32 / ref32.abs().max() < 5e-6
 
 
-@pytest.mark.parametrize("modules", [("decoder_self",), ("decoder_cross",), ("encoder_self",), ("decoder_self", "decoder_cross")])
+COMBINATIONS = [("decoder_self",), ("decoder_cross",), ("encoder_self",), ("decoder_self", "decoder_cross")]
+
+
+@pytest.mark.parametrize("modules", COMBINATIONS)
 def test_full_rank_keeps_greedy_tokens_for_each_combination(tiny_en, english_features, modules):
     model = tiny_en[0]
     slim = sw.convert(model, sw.MLAConfig(modules=modules, factorization="joint"))

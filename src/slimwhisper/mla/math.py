@@ -113,6 +113,28 @@ def factorize_kv(
     return down, up[: w_kc.shape[0]], up[w_kc.shape[0] :]
 
 
+def absorb_query(q_comp: torch.Tensor, up_k: torch.Tensor) -> torch.Tensor:
+    """q~ = U_k^T q_c for every head in one batched matmul over heads: [B, H, L, c] -> [B, H, L, d_c]."""
+    batch, heads, length, comp = q_comp.shape
+    flat = q_comp.permute(1, 0, 2, 3).reshape(heads, batch * length, comp)
+    return torch.bmm(flat, up_k).view(heads, batch, length, -1).permute(1, 0, 2, 3)
+
+
+def expand_values(mixed: torch.Tensor, up_v: torch.Tensor, bias_v: torch.Tensor | None) -> torch.Tensor:
+    """o = U_v z + b_v per head, one batched matmul over heads: z [B, H, L, d_c] -> o [B, L, H, h]."""
+    batch, heads, length, d_c = mixed.shape
+    flat = mixed.permute(1, 0, 2, 3).reshape(heads, batch * length, d_c)
+    out = torch.bmm(flat, up_v.transpose(1, 2)).view(heads, batch, length, -1).permute(1, 2, 0, 3)
+    return out if bias_v is None else out + bias_v
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (True = attend) or additive mask as an additive float mask."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def absorbed_attention(
     q: torch.Tensor,
     latent: torch.Tensor,
@@ -121,8 +143,16 @@ def absorbed_attention(
     up_v: torch.Tensor,
     bias_v: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    need_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention read straight from the latent cache, never up-projecting it (SPEC 3.1).
+
+    The latent is shared by every head, so the latent part of the score is multi-query attention
+    with the heads as query rows: scores [B, H*L, T] = q~ [B, H*L, d_c] @ c^T [B, d_c, T], one bmm
+    per batch that reads the cache once (a broadcast `[B, H, L, d_c] @ [B, 1, d_c, T]` matmul would
+    first copy the latent H times, which cost more than the whole MHA step). Cache tensors may be
+    strided views (e.g. length-sliced preallocated buffers): nothing here needs them contiguous.
 
     Args:
         q: pre-scaled queries [B, H, L, h], each head laid out as [kept r | compressed h-r].
@@ -130,22 +160,38 @@ def absorbed_attention(
         k_kept: cached kept key dims [B, H, T, r].
         up_k: [H, h-r, d_c] per-head key up-projection; up_v: [H, h, d_c]; bias_v: [H, h] or None.
         attention_mask: additive float or boolean (True = attend) mask broadcastable to [B, H, L, T].
+        need_weights: return the attention probabilities; False takes the fused SDPA kernel
+            (latent as both key and value, scale 1) and returns None for them.
 
     Returns:
-        output [B, L, H, h] and attention probabilities [B, H, L, T].
+        output [B, L, H, h] and attention probabilities [B, H, L, T] (None unless need_weights).
     """
-    r = k_kept.shape[-1]
-    q_kept, q_comp = q[..., :r], q[..., r:]
-    q_absorbed = torch.einsum("bhlc,hcd->bhld", q_comp, up_k)  # [B, H, L, d_c]
-    scores = q_absorbed @ latent.transpose(-1, -2)  # [B, H, L, T], latent broadcast over heads
-    if r:
-        scores = scores + q_kept @ k_kept.transpose(-1, -2)
-    if attention_mask is not None:
-        mask = attention_mask[..., : latent.shape[-2]]
+    batch, heads, length, _ = q.shape
+    r, tokens = k_kept.shape[-1], latent.shape[-2]
+    q_absorbed = absorb_query(q[..., r:], up_k).reshape(batch, heads * length, -1)  # [B, H*L, d_c]
+    c = latent[:, 0]  # [B, T, d_c], a view
+    bias = q[..., :r] @ k_kept.transpose(-1, -2) if r else None  # exact part of the score [B, H, L, T]
+    mask = None if attention_mask is None else attention_mask[..., :tokens]
+    if not need_weights:
+        if mask is not None:
+            mask = mask.expand(batch, heads, length, tokens)
+            if bias is not None:
+                bias = bias + _additive(mask, bias.dtype)
+            else:
+                bias = mask if mask.dtype == torch.bool else mask.to(q.dtype)
+        elif bias is not None:
+            bias = bias.expand(batch, heads, length, tokens)
+        bias = None if bias is None else bias.reshape(batch, 1, heads * length, tokens)
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            q_absorbed.unsqueeze(1), c.unsqueeze(1), c.unsqueeze(1), attn_mask=bias, scale=1.0
+        )  # [B, 1, H*L, d_c]
+        return expand_values(mixed.view(batch, heads, length, -1), up_v, bias_v), None
+    scores = torch.bmm(q_absorbed, c.transpose(1, 2)).view(batch, heads, length, tokens)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.float().softmax(dim=-1).to(q.dtype)
-    mixed = probs @ latent  # [B, H, L, d_c]: rows of probs sum to 1, so the value bias adds after
-    out = torch.einsum("bhld,hed->blhe", mixed, up_v)
-    if bias_v is not None:
-        out = out + bias_v
-    return out, probs
+    # rows of probs sum to 1, so the value bias adds after mixing the latent: z = sum_t p_t c_t
+    mixed = torch.bmm(probs.reshape(batch, heads * length, tokens), c).view(batch, heads, length, -1)
+    return expand_values(mixed, up_v, bias_v), probs

@@ -121,9 +121,15 @@ class WhisperMLAAttention(WhisperAttention):
 
         if self._use_absorbed(query, cache):
             out, weights = absorbed_attention(
-                query, latent, kept, self._up_k_heads(), self._up_v_heads(), self._bias_v_heads(), attention_mask
+                query,
+                latent,
+                kept,
+                self._up_k_heads(),
+                self._up_v_heads(),
+                self._bias_v_heads(),
+                attention_mask,
+                need_weights=output_attentions,
             )
-            weights = weights if output_attentions else None
         else:
             keys, values = self.expand_kv(latent, kept)
             attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

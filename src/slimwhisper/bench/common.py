@@ -1,0 +1,199 @@
+"""Shared benchmark helpers: run metadata (machine, versions, commit, threads), interleaved timing, JSON out.
+
+Timings on a shared machine are noisy, so every benchmark compares variants *within one run*:
+`interleaved_times` runs the variants in turn (A B A B ...) after a warm-up, so a burst of load
+hits all of them, and the figures reported are medians and ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SlimWhisperError
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, else platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical cores, torch threads, memory and GPU (if any) of this machine."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages * page_size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, transformers and slimwhisper."""
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "slimwhisper": __version__,
+    }
+
+
+def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
+    """HEAD commit of the checkout holding `path` (default: this package), "+dirty" if tracked files changed.
+
+    None outside a git checkout (e.g. an installed wheel).
+    """
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads (None keeps torch's default); returns the number in use."""
+    if threads is not None:
+        if threads < 1:
+            raise SlimWhisperError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def run_metadata(**settings: Any) -> dict[str, Any]:
+    """What every result file records: when, where (machine, threads), with what (versions, commit, command)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": machine_info(),
+        "versions": versions(),
+        "commit": git_commit(),
+        "settings": settings,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux `clear_refs` 5), so a later peak measures one phase only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_high_water_bytes() -> int:
+    """RSS high-water mark since start or the last `reset_peak_rss` (Linux VmHWM; else the lifetime peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued GPU work so wall times are real (no-op on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    before: Mapping[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in turns (A B A B ...) after `warmup` untimed rounds.
+
+    `before[name]`, if given, runs untimed right before each call of `fns[name]` (e.g. to switch a
+    shared model's mode).
+    """
+    before = before or {}
+    if repeats < 1:
+        raise SlimWhisperError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = range(repeats)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc="timing", unit="round")
+    for _ in rounds:
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(seconds: list[float]) -> float:
+    """Median of a list of durations in seconds, as milliseconds."""
+    return statistics.median(seconds) * 1e3
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
+    """Write `data` as indented JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_for_bench(name: str, device: str = "cpu", dtype: str | None = None):
+    """`slimwhisper.load` in eval mode, for a benchmark (a short name, a saved folder or a Hub id)."""
+    from ..loading import load
+
+    model, _ = load(name, device=device, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,326 @@
+"""Decode speed: wall time of one decoder step with a cache of fixed length, a compressed model against a baseline.
+
+`slimwhisper bench decode MODEL --baseline MODEL --batch 32 --cache-len 400 --json`
+
+**ms_per_token** is the median wall time, in milliseconds, of one decode step *for the whole batch*:
+the decoder forward on one new token per sequence plus the LM head, with a self-attention cache
+already holding `cache_len` tokens per sequence and cross-attention over a real-sized encoder output
+(1500 frames, cached as in generation). It is what a user waits per generated token; tokens per
+second for the batch is `batch * 1000 / ms_per_token`.
+
+Method: the cache is prefilled once per model (batch 1, then repeated to the batch, so only steps
+are timed); after every timed step the cache is cropped back to `cache_len`. Models are timed in
+turns (A B A B ...) after a warm-up and the medians compared, so machine noise hits all of them.
+Cache kinds: "dynamic" is Hugging Face's `DynamicCache` (concatenates the whole cache every step,
+as `generate` does); "static" writes into preallocated buffers and hands attention length-sliced
+views (what a static-cache engine does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+
+from ..errors import SlimWhisperError
+from ..memory import cache_bytes_held, kv_cache_bytes
+from ..mla.modules import WhisperMLAAttention, set_decode_mode
+from .common import interleaved_times, load_for_bench, median_ms, run_metadata, set_threads, write_json
+
+CACHE_KINDS = ("dynamic", "static")
+DEFINITION = (
+    "ms_per_token = median wall time (ms) of one decoder step for the whole batch (decoder forward on one new "
+    "token per sequence + LM head) with cache_len cached tokens and cross-attention over encoder_frames frames"
+)
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over preallocated buffers: `update` writes in place and returns length-sliced views.
+
+    The views are non-contiguous along the batch/head dims (their strides are those of the full
+    buffer), which is exactly what attention code behind a static cache must accept.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_zeros(*key_states.shape[:-2], self.capacity, key_states.shape[-1])
+        self._values = value_states.new_zeros(*value_states.shape[:-2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+        self._set_length(0)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise SlimWhisperError(f"static cache full: {end} tokens > capacity {self.capacity}")
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized:
+            self._set_length(max(0, self.length + tokens_to_remove))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._set_length(self.length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.index_select(0, beam_idx.to(self._keys.device))
+            self._values = self._values.index_select(0, beam_idx.to(self._values.device))
+            self._set_length(self.length)
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> BufferLayer:
+        """A buffer layer of `capacity` tokens that already holds `keys`/`values`."""
+        layer = cls(capacity)
+        layer.update(keys, values)
+        return layer
+
+
+def to_static(cache: EncoderDecoderCache, capacity: int) -> EncoderDecoderCache:
+    """A copy of `cache` whose self-attention layers are preallocated buffers (the cross cache is shared)."""
+    static = DynamicCache()
+    layers = cache.self_attention_cache.layers
+    static.layers = [BufferLayer.holding(layer.keys, layer.values, capacity) for layer in layers]
+    return EncoderDecoderCache(static, cache.cross_attention_cache)
+
+
+def is_mla(model: nn.Module) -> bool:
+    return any(isinstance(m, WhisperMLAAttention) and m.is_decoder for m in model.modules())
+
+
+@dataclass
+class DecodeStepper:
+    """One model with a prefilled cache of `cache_len` tokens; `step()` decodes one token and crops back."""
+
+    model: nn.Module
+    cache: EncoderDecoderCache
+    encoder_states: torch.Tensor
+    tokens: torch.Tensor
+    cache_len: int
+
+    def step(self) -> torch.Tensor:
+        logits = self.model(
+            encoder_outputs=(self.encoder_states,),
+            decoder_input_ids=self.tokens,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits
+        self.cache.crop(self.cache_len - self.cache.get_seq_length())
+        return logits
+
+
+@torch.inference_mode()
+def prepare_decode(
+    model: nn.Module,
+    batch: int,
+    cache_len: int,
+    encoder_frames: int | None = None,
+    cache: str = "dynamic",
+    seed: int = 0,
+    shared: DecodeStepper | None = None,
+) -> DecodeStepper:
+    """Prefill `model`'s cache with `cache_len` random tokens over a random encoder output, repeated to `batch`.
+
+    Args:
+        encoder_frames: encoder output length (default the model's max_source_positions, 1500 = 30 s).
+        cache: "dynamic" or "static" (see the module docstring).
+        shared: a stepper of the same model whose prefill to reuse (e.g. its dynamic twin for "static").
+    """
+    if cache not in CACHE_KINDS:
+        raise SlimWhisperError(f"unknown cache kind {cache!r}; choose from {', '.join(CACHE_KINDS)}")
+    config = model.config
+    frames = config.max_source_positions if encoder_frames is None else encoder_frames
+    if batch < 1 or cache_len < 1:
+        raise SlimWhisperError(f"batch and cache length must be >= 1 (got batch={batch}, cache_len={cache_len})")
+    if cache_len + 1 > config.max_target_positions:
+        raise SlimWhisperError(
+            f"cache length {cache_len} + 1 new token exceeds the decoder's {config.max_target_positions} positions"
+        )
+    param = next(model.parameters())
+    if shared is not None:
+        prefilled = shared.cache
+        encoder_states = shared.encoder_states
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        encoder_one = torch.randn(1, frames, config.d_model, generator=gen).to(param.device, param.dtype)
+        prompt = torch.randint(0, config.vocab_size, (1, cache_len), generator=gen).to(param.device)
+        prefilled = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        model(encoder_outputs=(encoder_one,), decoder_input_ids=prompt, past_key_values=prefilled, use_cache=True)
+        prefilled.batch_repeat_interleave(batch)
+        encoder_states = encoder_one.expand(batch, -1, -1)  # unused after prefill: the cross cache is reused
+    if cache == "static":
+        prefilled = to_static(prefilled, cache_len + 1)
+    tokens = torch.randint(0, config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed + 1))
+    return DecodeStepper(model, prefilled, encoder_states, tokens.to(param.device), cache_len)
+
+
+def _mode_switch(model: nn.Module, mode: str) -> Callable[[], None]:
+    return lambda: set_decode_mode(model, mode)
+
+
+def time_decode(
+    models: Mapping[str, nn.Module],
+    batch: int = 32,
+    cache_len: int = 400,
+    repeats: int = 10,
+    warmup: int = 2,
+    caches: tuple[str, ...] = ("dynamic",),
+    materialized: bool = True,
+    encoder_frames: int | None = None,
+    baseline: str | None = "baseline",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Time decode steps of every model in `models` in one interleaved run; see the module docstring.
+
+    Entries are the names in `models` (MLA models in their default absorbed decode); for MLA models
+    `materialized` adds "<name>_materialized" (K/V rebuilt from the latent every step); every cache
+    kind after the first in `caches` adds entries suffixed "_<kind>". Returns a JSON-able dict with
+    `ms_per_token` per entry, `speedup` (the `baseline` entry's time / entry's), `tokens_per_s`,
+    per-repeat times and the cache bytes held (and predicted by `slimwhisper.memory`) per model.
+    """
+    if not caches:
+        raise SlimWhisperError("give at least one cache kind")
+    steppers: dict[str, DecodeStepper] = {}
+    before: dict[str, Callable[[], None]] = {}
+    for name, m in models.items():
+        first = None
+        for i, kind in enumerate(caches):
+            suffix = f"_{kind}" if i else ""
+            stepper = prepare_decode(m, batch, cache_len, encoder_frames, kind, shared=first)
+            first = first or stepper
+            steppers[name + suffix] = stepper
+            if is_mla(m):
+                before[name + suffix] = _mode_switch(m, "absorbed")
+                if materialized:
+                    steppers[f"{name}_materialized{suffix}"] = stepper
+                    before[f"{name}_materialized{suffix}"] = _mode_switch(m, "materialized")
+    first_model = next(iter(models.values()))
+    with torch.inference_mode():
+        fns = {key: s.step for key, s in steppers.items()}
+        device = next(first_model.parameters()).device
+        times = interleaved_times(fns, repeats, warmup, device=device, progress=progress, before=before)
+    for m in models.values():
+        if is_mla(m):
+            set_decode_mode(m, "absorbed")
+    ms = {key: median_ms(t) for key, t in times.items()}
+    result: dict[str, Any] = {"ms_per_token": ms}
+    if baseline in ms:
+        result["speedup"] = {key: ms[baseline] / v for key, v in ms.items() if key != baseline}
+        # against the baseline on the same kind of cache ("model_static" vs "baseline_static")
+        same = {}
+        for key, v in ms.items():
+            kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
+            ref = f"{baseline}_{kind}" if kind else baseline
+            if key != ref and ref in ms:
+                same[key] = ms[ref] / v
+        result["speedup_same_cache"] = same
+    result["tokens_per_s"] = {key: batch * 1e3 / v for key, v in ms.items()}
+    # interference only ever adds time, so the fastest repeat is a second, load-robust estimate
+    result["min_ms_per_token"] = {key: min(t) * 1e3 for key, t in times.items()}
+    result["times_ms"] = {key: [round(x * 1e3, 3) for x in t] for key, t in times.items()}
+    result["spread_ms"] = {key: statistics.pstdev(t) * 1e3 for key, t in times.items()}
+    dtype = next(first_model.parameters()).dtype
+    result["cache_bytes"] = {}
+    for name, m in models.items():
+        held = cache_bytes_held(steppers[name].cache)
+        analytic = kv_cache_bytes(m, batch, cache_len, dtype, encoder_frames)
+        result["cache_bytes"][name] = {
+            "held_self": held.self_attention,
+            "held_cross": held.cross_attention,
+            "analytic_self": analytic.self_attention,
+            "analytic_cross": analytic.cross_attention,
+        }
+    result.update(
+        batch=batch,
+        cache_len=cache_len,
+        encoder_frames=encoder_frames or first_model.config.max_source_positions,
+        caches=list(caches),
+        repeats=repeats,
+        warmup=warmup,
+        definition=DEFINITION,
+    )
+    return result
+
+
+def bench_decode(
+    model: nn.Module, baseline: nn.Module | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`time_decode` of a model ("model") against an optional baseline ("baseline"); kwargs as there."""
+    models = {"baseline": baseline, "model": model} if baseline is not None else {"model": model}
+    return time_decode(models, **kwargs)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `bench decode`."""
+    p = subparsers.add_parser(
+        "decode",
+        help="ms per decode step of a model against a baseline, at a given batch and cache length",
+        description=" ".join(__doc__.split("\n\n")[2].split()),
+    )
+    p.add_argument("model", help="model name (tiny.en, base, ...) or a saved folder")
+    p.add_argument("--baseline", help="model to compare against in the same run (e.g. the original)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--cache-len", type=int, default=400, help="tokens already in the self-attention cache")
+    p.add_argument("--encoder-frames", type=int, help="cross-attention length (default 1500 = 30 s)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per model (interleaved)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cache", choices=(*CACHE_KINDS, "both"), default="dynamic",
+                   help="dynamic (HF DynamicCache, as generate), static (preallocated buffers) or both")
+    p.add_argument("--no-materialized", action="store_true", help="skip the MLA materialised-decode entry")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--out", help="also write the result JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (default: a short summary)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    threads = set_threads(args.threads)
+    model = load_for_bench(args.model, args.device, args.dtype)
+    baseline = load_for_bench(args.baseline, args.device, args.dtype) if args.baseline else None
+    caches = CACHE_KINDS if args.cache == "both" else (args.cache,)
+    result = bench_decode(
+        model, baseline, batch=args.batch, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
+        caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
+        progress=not args.json,
+    )
+    result["models"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
+    result["threads"] = threads
+    result.update(run_metadata(threads=threads, device=args.device, dtype=args.dtype))
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, ms in result["ms_per_token"].items():
+            speed = result.get("speedup", {}).get(key)
+            print(f"{key:>28}: {ms:8.2f} ms/step  {result['tokens_per_s'][key]:8.1f} tok/s"
+                  + (f"  {speed:.2f}x vs baseline" if speed else ""))
+    return 0

@@ -1,0 +1,148 @@
+"""Benchmarks on tiny random models: decode timing keys, static-cache decode, KV bytes, CLI JSON, metadata."""
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+import slimwhisper as sw
+from slimwhisper.bench import common
+from slimwhisper.bench.decode import BufferLayer, bench_decode, prepare_decode
+from slimwhisper.bench.encoder import bench_encoder
+from slimwhisper.bench.kv import bench_kv, max_batch
+from slimwhisper.cli import main
+from slimwhisper.errors import SlimWhisperError
+from slimwhisper.memory import kv_cache_bytes
+
+
+@pytest.fixture
+def slim(tiny_model):
+    cfg = sw.MLAConfig(kv_reduction=0.75, kept_dims=2, factorization="joint", modules=("decoder_self", "decoder_cross"))
+    return sw.convert(tiny_model, cfg)
+
+
+def test_decode_bench_returns_positive_times_and_matching_bytes(tiny_model, slim):
+    result = bench_decode(slim, tiny_model, batch=2, cache_len=6, repeats=2, warmup=1, caches=("dynamic", "static"),
+                          encoder_frames=20)
+    entries = {"baseline", "model", "model_materialized", "baseline_static", "model_static",
+               "model_materialized_static"}
+    assert set(result["ms_per_token"]) == entries
+    assert all(v > 0 for v in result["ms_per_token"].values())
+    assert set(result["speedup"]) == entries - {"baseline"}
+    assert set(result["speedup_same_cache"]) == entries - {"baseline", "baseline_static"}
+    ms = result["ms_per_token"]
+    assert result["speedup_same_cache"]["model_static"] == ms["baseline_static"] / ms["model_static"]
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times_ms"].values())
+    assert result["batch"] == 2 and result["cache_len"] == 6 and result["encoder_frames"] == 20
+    for name, b in result["cache_bytes"].items():
+        assert b["held_self"] == b["analytic_self"] > 0 and b["held_cross"] == b["analytic_cross"] > 0, name
+    assert result["cache_bytes"]["model"]["held_self"] < result["cache_bytes"]["baseline"]["held_self"]
+    assert all(m.decode_mode == "absorbed" for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention))
+
+
+@pytest.mark.parametrize("which", ["mha", "mla"])
+def test_static_cache_decode_equals_dynamic(tiny_model, slim, which):
+    """Steps on preallocated buffers (non-contiguous views) give the same logits, and the length stays fixed."""
+    model = slim if which == "mla" else tiny_model
+    dynamic = prepare_decode(model, batch=3, cache_len=5, encoder_frames=30)
+    static = prepare_decode(model, batch=3, cache_len=5, encoder_frames=30, cache="static", shared=dynamic)
+    layer = static.cache.self_attention_cache.layers[0]
+    assert isinstance(layer, BufferLayer) and not layer.keys.is_contiguous()
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(static.step(), dynamic.step(), atol=1e-5, rtol=1e-5)
+            assert static.cache.get_seq_length() == dynamic.cache.get_seq_length() == 5
+
+
+def test_static_cache_overflow_is_an_error():
+    layer = BufferLayer(capacity=3)
+    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    with pytest.raises(SlimWhisperError, match="capacity"):
+        layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    layer.crop(-1)
+    assert layer.get_seq_length() == 2
+
+
+def test_prepare_decode_rejects_too_long_caches(tiny_model):
+    with pytest.raises(SlimWhisperError, match="positions"):
+        prepare_decode(tiny_model, batch=1, cache_len=tiny_model.config.max_target_positions)
+
+
+def test_kv_bench_held_equals_analytic_and_budget(tiny_model, slim):
+    result = bench_kv({"baseline": tiny_model, "model": slim}, [1, 4], [8, 16], torch.float16, budget_bytes=2**20)
+    base, model = result["models"]["baseline"], result["models"]["model"]
+    for entry in (base, model):
+        check = entry["held_check"]
+        assert check["equal"] and check["held_self"] == check["analytic_self"] > 0
+        assert len(entry["table"]) == 4
+    d, layers = tiny_model.config.d_model, tiny_model.config.decoder_layers
+    assert base["self_bytes_per_token"] == layers * 2 * d * 2
+    assert model["self_ratio_vs_baseline"] == pytest.approx(0.25) and model["cross_ratio_vs_baseline"] == 0.25
+    per_seq = kv_cache_bytes(slim, batch=1, tokens=16, dtype=torch.float16)
+    assert max_batch(slim, 2**20, 16, torch.float16) == {"self": 2**20 // per_seq.self_attention,
+                                                          "self_cross": 2**20 // per_seq.total}
+    assert model["max_batch_in_budget"]["self"] > base["max_batch_in_budget"]["self"]
+
+
+def test_encoder_bench(tiny_model):
+    result = bench_encoder({"baseline": tiny_model, "model": tiny_model}, repeats=2)
+    assert all(v > 0 for v in result["ms_per_pass"].values()) and result["params_ratio"]["model"] == 1.0
+
+
+def test_interleaved_times_alternate_and_run_hooks():
+    calls: list[str] = []
+    times = common.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
+                                     warmup=1, before={"b": lambda: calls.append("hook")})
+    assert calls == ["a", "hook", "b"] * 3
+    assert [len(t) for t in times.values()] == [2, 2]
+    with pytest.raises(SlimWhisperError):
+        common.interleaved_times({"a": lambda: None}, repeats=0)
+
+
+def test_run_metadata_describes_machine_and_versions():
+    meta = common.run_metadata(threads=1)
+    assert meta["machine"]["cores"] >= 1 and meta["machine"]["threads"] >= 1 and meta["machine"]["cpu"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["slimwhisper"] == sw.__version__
+    assert meta["settings"] == {"threads": 1}
+    assert common.peak_rss_bytes() > 0
+
+
+@pytest.mark.parametrize("command", ["decode", "kv", "encoder"])
+def test_cli_prints_json(capsys, tiny_model, slim, command):
+    models = {"MODEL": slim, "BASE": tiny_model}
+    extra = {"decode": ["--batch", "2", "--cache-len", "4", "--repeats", "2", "--warmup", "0", "--encoder-frames",
+                        "10", "--threads", "1"],
+             "kv": ["--batches", "1", "2", "--lengths", "4"],
+             "encoder": ["--repeats", "1", "--warmup", "0"]}[command]
+    threads = torch.get_num_threads()
+    with mock.patch(f"slimwhisper.bench.{command}.load_for_bench", side_effect=lambda name, *a: models[name]):
+        code = main(["bench", command, "MODEL", "--baseline", "BASE", *extra, "--json"])
+    torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["machine"]["cpu"] and result["versions"]["transformers"]
+    if command == "decode":
+        ms = result["ms_per_token"]
+        assert ms["baseline"] > 0 and ms["model"] > 0 and result["speedup"]["model"] > 0
+        assert result["threads"] == 1
+    elif command == "kv":
+        assert result["models"]["model"]["held_check"]["equal"]
+    else:
+        assert result["ms_per_pass"]["model"] > 0
+
+
+def test_cli_bad_threads_is_a_user_error(capsys, tiny_model):
+    with mock.patch("slimwhisper.bench.decode.load_for_bench", return_value=tiny_model):
+        assert main(["bench", "decode", "X", "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_product_owner_check_on_tiny_en(capsys):
+    code = main(["bench", "decode", "tiny.en", "--baseline", "tiny.en", "--batch", "2", "--cache-len", "8",
+                 "--repeats", "2", "--json"])
+    assert code == 0
+    ms = json.loads(capsys.readouterr().out)["ms_per_token"]
+    assert ms["baseline"] > 0 and ms["model"] > 0
