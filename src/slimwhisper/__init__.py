@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import models  # noqa: F401  (registers the HF config/model classes with the Auto classes)
+from .engine import Transcriber
 from .errors import AudioError, ConfigVersionError, ModelNotFoundError, SlimWhisperError
 from .lowrank import LowRankConfig, LowRankLinear, WhisperLowRankAttention
 from .memory import KVCacheBytes, kv_cache_bytes
@@ -57,6 +58,7 @@ __all__ = [
     "SlimWhisperConfig",
     "SlimWhisperError",
     "SlimWhisperForConditionalGeneration",
+    "Transcriber",
     "WhisperLowRankAttention",
     "WhisperMLAAttention",
     "convert",

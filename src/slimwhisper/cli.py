@@ -144,16 +144,42 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from . import load
     from .audio import load_audio
-    from .transcribe import transcribe_arrays
 
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
     model, processor = load(args.model, device=_device(args.device))
-    texts = transcribe_arrays(
-        model, processor, audios, language=args.language, batch_size=args.batch_size, num_beams=args.beams
-    )
+    if args.engine == "generate":
+        from .transcribe import transcribe_arrays
+
+        texts = transcribe_arrays(
+            model, processor, audios, language=args.language, batch_size=args.batch_size, num_beams=args.beams
+        )
+        results = None
+    else:
+        from .engine import Transcriber
+
+        engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize)
+        results = engine.transcribe(
+            audios, language=args.language, timestamps=args.timestamps, mode=args.mode, progress=len(audios) > 1
+        )
+        texts = [r.text for r in results]
+    if args.output_dir or (args.format != "txt" and results is not None):
+        from .engine.formats import render
+
+        if results is None:
+            raise SlimWhisperError("--format/--output-dir need the engine; drop --engine generate")
+        out_dir = Path(args.output_dir) if args.output_dir else None
+        for f, r in zip(args.audio, results):
+            body = render(r, args.format)
+            if out_dir is None:
+                print(body, end="")
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{Path(f).stem}.{args.format}").write_text(body, encoding="utf-8")
+        if out_dir is None or not args.json:
+            return 0
     if args.json:
         print(json.dumps([{"file": f, "text": t} for f, t in zip(args.audio, texts)], ensure_ascii=False, indent=2))
-    else:
+    elif not args.output_dir:
         for f, t in zip(args.audio, texts):
             print(f"{f}\t{t}")
     return 0
@@ -212,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--device", default=None)
+    p.add_argument("--engine", choices=["fast", "generate"], default="fast",
+                   help="fast: static-cache engine (default); generate: transformers' generate()")
+    p.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt", help="output format")
+    p.add_argument("--output-dir", help="write one FILE.FORMAT per input here instead of printing")
+    p.add_argument("--timestamps", action="store_true", help="predict segment timestamps")
+    p.add_argument("--mode", choices=["batched", "sequential"], default="batched",
+                   help="long audio: independent 30-s windows (fast) or timestamp-seeking with previous text")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("demo", help="convert tiny.en at 75%% and compare it with the original on bundled clips")

@@ -1,0 +1,150 @@
+"""Greedy and beam decoding over the model's own decoder layers with a static cache.
+
+`DecoderRunner` calls `model.model.decoder`'s embedding, layers and final norm directly (so MHA and
+MLA attention run their own code, MLA's absorbed single-token path included) with explicit positions;
+a causal mask is built only for the multi-token prefill, since one query with everything before it
+visible needs none. Rows that finish leave the batch (the cache drops them), so a batch costs what its
+longest unfinished rows cost, not its longest row times the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cache import StaticEncoderDecoderCache
+from .rules import LogitRules, TokenIds
+
+
+@dataclass
+class Decoded:
+    """One row's result: generated tokens (EOT excluded), sum of their log-probabilities, no-speech prob."""
+
+    tokens: list[int]
+    sum_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)
+
+
+class DecoderRunner:
+    """One forward of the decoder for new tokens [B, L] given the static cache; returns logits."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.decoder = model.model.decoder
+        self.proj_out = model.proj_out
+        self.max_positions = model.config.max_target_positions
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B, frames, d] for log-mel features [B, mels, 3000]."""
+        return self.model.model.encoder(features).last_hidden_state
+
+    def __call__(
+        self, tokens: torch.Tensor, cache: StaticEncoderDecoderCache, encoder_out: torch.Tensor, all_logits=False
+    ) -> torch.Tensor:
+        """Logits [B, V] of the last position (or [B, L, V] with `all_logits`)."""
+        start = cache.get_seq_length()
+        length = tokens.shape[1]
+        hidden = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions.weight[start : start + length]
+        mask = None
+        if length > 1:  # prefill: causal mask over the new positions (the cache is empty or fully visible)
+            visible = torch.ones(length, start + length, dtype=torch.bool, device=tokens.device).tril(start)
+            mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=tokens.device)
+            mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, attention_mask=mask, encoder_hidden_states=encoder_out, past_key_values=cache)
+        if not all_logits:
+            hidden = hidden[:, -1]
+        return self.proj_out(self.decoder.layer_norm(hidden))
+
+
+def _no_speech_probs(logits: torch.Tensor, prompt: torch.Tensor, ids: TokenIds) -> torch.Tensor:
+    """P(<|nospeech|>) at the SOT position of each row, from the prefill logits [B, P, V]."""
+    if ids.no_speech is None:
+        return torch.zeros(prompt.shape[0])
+    sot_pos = (prompt == ids.sot).long().argmax(dim=1)
+    rows = logits[torch.arange(prompt.shape[0]), sot_pos].float()
+    return rows.softmax(dim=-1)[:, ids.no_speech].cpu()
+
+
+@torch.inference_mode()
+def greedy_decode(
+    runner: DecoderRunner,
+    encoder_out: torch.Tensor,
+    prompt: torch.Tensor,
+    ids: TokenIds,
+    *,
+    timestamps: bool = False,
+    temperature: float = 0.0,
+    max_length: int | None = None,
+    compact_fraction: float = 0.25,
+    generator: torch.Generator | None = None,
+) -> list[Decoded]:
+    """Greedy (temperature 0) or sampled decoding of a batch that shares one prompt length.
+
+    Args:
+        encoder_out: [B, frames, d]; prompt: [B, P] decoder input ids (previous text, SOT, lang, task, ...).
+        max_length: total decoder positions, prompt included (default the model's 448).
+        compact_fraction: drop finished rows from the batch when at least this share of rows is done.
+    """
+    batch, plen = prompt.shape
+    max_length = min(max_length or runner.max_positions, runner.max_positions)
+    vocab = runner.proj_out.out_features
+    cache = StaticEncoderDecoderCache.for_model(runner.model, batch, max_length, dtype=encoder_out.dtype)
+    rules = LogitRules(ids, vocab, batch, timestamps=timestamps, device=prompt.device)
+    logits_all = runner(prompt, cache, encoder_out, all_logits=True)
+    no_speech = _no_speech_probs(logits_all, prompt, ids)
+    logits = logits_all[:, -1]
+    out = [Decoded([], no_speech_prob=float(no_speech[i]), temperature=temperature) for i in range(batch)]
+    active = list(range(batch))  # original row of each current batch row
+    done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    step_tokens: list[torch.Tensor] = []
+    step_logprobs: list[torch.Tensor] = []
+    step_rows: list[list[int]] = []
+    for _ in range(max_length - plen):
+        logits = rules.apply(logits.float())
+        if temperature > 0:
+            probs = (logits / temperature).softmax(dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = logits.argmax(dim=-1)
+        logprob = logits.gather(1, next_tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        next_tokens = torch.where(done, ids.eot, next_tokens)
+        step_tokens.append(next_tokens)
+        step_logprobs.append(torch.where(done, 0.0, logprob))
+        step_rows.append(active)
+        rules.advance(next_tokens)
+        done = done | (next_tokens == ids.eot)
+        n_done = int(done.sum())
+        if n_done == len(active):
+            break
+        if n_done >= max(1, compact_fraction * len(active)):
+            keep = (~done).nonzero().squeeze(1)
+            cache.select_rows(keep)
+            rules.select_rows(keep)
+            encoder_out = encoder_out.index_select(0, keep)
+            next_tokens, done = next_tokens[keep], done[keep]
+            active = [active[i] for i in keep.tolist()]
+        logits = runner(next_tokens[:, None], cache, encoder_out)
+    _collect(out, step_tokens, step_logprobs, step_rows, ids.eot)
+    return out
+
+
+def _collect(out: list[Decoded], tokens: list, logprobs: list, rows: list, eot: int) -> None:
+    """Move the per-step tensors to the CPU once and append each row's tokens up to its EOT."""
+    finished = [False] * len(out)
+    for tok, lp, active in zip(tokens, logprobs, rows):
+        for t, p, r in zip(tok.tolist(), lp.tolist(), active):
+            if finished[r]:
+                continue
+            out[r].sum_logprob += p
+            if t == eot:
+                finished[r] = True
+            else:
+                out[r].tokens.append(t)

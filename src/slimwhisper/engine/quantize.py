@@ -1,0 +1,48 @@
+"""Dynamic int8 quantisation of a (compressed) Whisper's linear layers for CPU inference."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import SlimWhisperError
+from ..mla.modules import WhisperMLAAttention
+
+QUANTIZE_CHOICES = ("int8",)
+
+
+def weight_read_linears(model: nn.Module) -> set[str]:
+    """Names of linears whose `.weight` tensor is read directly (MLA's absorbed decode): they stay float."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, WhisperMLAAttention):
+            names.update(f"{name}.{child}" for child in ("up_k", "up_v"))
+    return names
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose nn.Linear layers run int8 weights with dynamically quantised activations.
+
+    CPU only (torch's dynamic quantisation kernels); MLA up-projections stay float because the absorbed
+    decode reads their weights as tensors.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        raise SlimWhisperError("int8 quantisation runs on the CPU only; drop --quantize or use --device cpu")
+    keep = weight_read_linears(model)
+    targets = {
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in keep and name
+    }
+    from torch.ao.quantization import quantize_dynamic
+
+    model = copy.deepcopy(model).float()
+    return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=False)
+
+
+def quantize(model: nn.Module, method: str | None) -> nn.Module:
+    """Apply `method` (None or "int8")."""
+    if method is None:
+        return model
+    if method == "int8":
+        return quantize_dynamic_int8(model)
+    raise SlimWhisperError(f"unknown quantisation {method!r}; choose one of {QUANTIZE_CHOICES}")
