@@ -18,6 +18,7 @@ def rebuild(
 
     `compression` is merged into the model's existing compression dict, so methods compose; the
     state of every module named in `replaced` is dropped and `new_state` supplies the new tensors.
+    The result owns its tensors (nothing is shared with `model`).
     """
     config = SlimWhisperConfig.from_whisper(model.config, compression)
     config._attn_implementation = model.config._attn_implementation
@@ -25,6 +26,9 @@ def rebuild(
         new = SlimWhisperForConditionalGeneration(config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(p + "." for p in replaced))}
     state.update(new_state)
+    # own copies: the compressed model must not share storage with `model` (training it in place would
+    # otherwise also train the original, e.g. the distillation teacher)
+    state = {k: v.detach().clone() for k, v in state.items()}
     new.load_state_dict(state, strict=True, assign=True)
     new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
