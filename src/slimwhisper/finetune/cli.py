@@ -1,14 +1,76 @@
-"""`slimwhisper finetune MODEL_DIR --train MANIFEST [--control] --out DIR` (stub, being built)."""
+"""`slimwhisper finetune MODEL_DIR --train DATA [--control] --out DIR`: recovery fine-tuning.
+
+Every option defaults to the documented recipe (`FinetuneConfig()`), so the bare command is the recipe.
+Scales out unchanged with `accelerate launch -m slimwhisper.cli finetune ...` or torchrun.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import fields
+
+from ..errors import SlimWhisperError
+from .config import MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
+
+# FinetuneConfig fields exposed as --options (name -> type); the help text comes from the config docstring.
+_OPTIONS = {
+    "steps": int, "batch_size": int, "micro_batch_size": int, "lr": float, "weight_decay": float,
+    "warmup_steps": int, "min_lr_ratio": float, "decay_fraction": float, "clip_norm": float,
+    "ce_weight": float, "kd_weight": float, "temperature": float, "seed": int, "checkpoint_every": int,
+}  # fmt: skip
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `finetune` subcommand."""
-    p = subparsers.add_parser("finetune", help="recovery fine-tuning of a compressed model (with a paired control)")
+    d = FinetuneConfig()
+    p = subparsers.add_parser(
+        "finetune", help="recovery fine-tuning of a compressed model (with a paired control)",
+        description="Fine-tune a compressed model's converted modules with cross-entropy on the references plus "
+        "distillation from its original; with --control, train the original identically as the baseline.",
+    )
+    p.add_argument("model", help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
+    p.add_argument("--train", required=True, help="training data: manifest.jsonl, LibriSpeech, Common Voice, ...")
+    p.add_argument("--out", required=True, help="output directory: model/, control/, finetune.json, loss.png")
+    p.add_argument("--control", action="store_true", help="also train the unconverted original identically")
+    p.add_argument("--scope", default=d.scope, choices=SCOPES, help=f"trainable parameters (default {d.scope})")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")
+    for name, kind in _OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"default {getattr(d, name)}")
+    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
+    p.add_argument("--label-free", action="store_true", help="train on the teacher's greedy transcripts")
+    p.add_argument("--language", help="language of samples whose data names none (multilingual models)")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISION,
+                   help="bf16/fp16 on a GPU (CPU always trains in fp32)")
+    p.add_argument("--teacher", help="the uncompressed original (default: the source recorded in the model)")
+    p.add_argument("--cache-dir", help="encoder-output cache (default ~/.cache/slimwhisper/encoder-outputs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The FinetuneConfig the options describe (validated there)."""
+    known = {f.name for f in fields(FinetuneConfig)}
+    values = {name: getattr(args, name) for name in _OPTIONS}
+    values.update(scope=args.scope, schedule=args.schedule, betas=tuple(args.betas), label_free=args.label_free,
+                  language=args.language, mixed_precision=args.mixed_precision)
+    return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
+
+
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from pathlib import Path
+
+    from .pipeline import RecoveryJob, recover
+
+    config = config_from_args(args)
+    if not Path(args.train).expanduser().exists():
+        raise SlimWhisperError(f"training data {args.train} does not exist; give a manifest.jsonl or dataset folder")
+    job = RecoveryJob(model=args.model, train=args.train, out=args.out, config=config, control=args.control,
+                      teacher=args.teacher, cache_dir=args.cache_dir, device=args.device, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    record = recover(job)
+    arms = {arm: {k: r[k] for k in ("path", "steps_done", "wall_seconds", "last")} for arm, r in record["arms"].items()}
+    print(json.dumps({"out": args.out, "arms": arms}, indent=2))
+    return 0

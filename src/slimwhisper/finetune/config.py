@@ -1,0 +1,120 @@
+"""`FinetuneConfig`: the recovery fine-tuning recipe (frozen, validated, JSON round trip).
+
+The defaults are the documented recipe: `slimwhisper finetune MODEL --train DATA --out DIR` with no
+other option trains the converted (MLA / low-rank) modules only, with cross-entropy on the references
+plus distillation from the original model, for a few hundred steps that finish in minutes on a laptop
+CPU for tiny/base. The numbers were chosen by experiment (see `benchmarks/recovery.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SlimWhisperError
+from ..recipe import Recipe
+
+FINETUNE_FORMAT_VERSION = 1
+SCOPES = ("converted", "decoder", "all")
+SCHEDULES = ("cosine", "wsd")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Recipe):
+    """How to fine-tune a compressed Whisper (and its paired control, identically).
+
+    Args:
+        scope: trainable parameters: "converted" (the modules the compression replaced: MLA attention,
+            low-rank encoder linears), "decoder" (the whole decoder) or "all".
+        steps: optimizer steps.
+        batch_size: utterances per optimizer step (over all processes and accumulation steps).
+        micro_batch_size: utterances per forward pass; batch_size / micro_batch_size / processes is
+            the gradient-accumulation factor.
+        lr: peak learning rate of AdamW.
+        betas, weight_decay, eps: AdamW.
+        schedule: "cosine" (linear warmup then cosine to `min_lr_ratio`·lr) or "wsd" (warmup, stable,
+            then 1-sqrt decay over the last `decay_fraction` of the steps).
+        warmup_steps: linear warmup length (capped at steps - 1).
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        decay_fraction: share of the steps that WSD spends decaying.
+        clip_norm: gradient clipping (global L2 norm); 0 disables it.
+        ce_weight, kd_weight: weights of cross-entropy on the references and of the distillation loss.
+        temperature: distillation temperature (the KL term is scaled by T^2).
+        kd_top_k: the teacher's k most likely tokens per position are distilled (plus one bucket for the
+            rest); computed once per clip and cached, so the teacher never runs during training.
+        label_free: use the teacher's greedy transcripts as targets instead of the references.
+        language: language of samples whose source names none (multilingual models only).
+        seed: data order and initialisation of everything random.
+        checkpoint_every: save a resumable checkpoint every this many steps (and at the end).
+        max_label_tokens: longer transcripts are cut (Whisper's decoder holds 448 positions).
+        mixed_precision: "no", "bf16" or "fp16" (GPU only; CPU always trains in fp32).
+    """
+
+    scope: str = "converted"
+    steps: int = 100
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.1
+    clip_norm: float = 1.0
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    kd_top_k: int = 64
+    label_free: bool = False
+    language: str | None = None
+    seed: int = 0
+    checkpoint_every: int = 25
+    max_label_tokens: int = 440
+    mixed_precision: str = "no"
+    version: int = FINETUNE_FORMAT_VERSION
+
+    recipe_name = "FinetuneConfig"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.mixed_precision in MIXED_PRECISION,
+             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
+            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (self.batch_size >= 1 and self.micro_batch_size >= 1, "batch sizes must be at least 1"),
+            (self.batch_size % self.micro_batch_size == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), "
+             f"got {self.betas}"),
+            (self.warmup_steps >= 0, f"warmup_steps must not be negative, got {self.warmup_steps}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
+            (self.clip_norm >= 0 and self.weight_decay >= 0, "clip_norm and weight_decay must not be negative"),
+            (self.ce_weight >= 0 and self.kd_weight >= 0 and self.ce_weight + self.kd_weight > 0,
+             "ce_weight and kd_weight must not be negative, and not both 0"),
+            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+            (self.kd_top_k >= 1, f"kd_top_k must be at least 1, got {self.kd_top_k}"),
+            (not (self.label_free and self.kd_weight == 0 and self.ce_weight == 0), "nothing to train on"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {self.checkpoint_every}"),
+            (self.max_label_tokens >= 1, "max_label_tokens must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SlimWhisperError(message)
+        if self.version > FINETUNE_FORMAT_VERSION:
+            from ..errors import ConfigVersionError
+
+            raise ConfigVersionError(f"FinetuneConfig version {self.version} is newer than this slimwhisper reads")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Distillation and label-free targets both need the original model."""
+        return self.kd_weight > 0 or self.label_free
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps actually used (at most steps - 1, so short runs still reach the peak)."""
+        return min(self.warmup_steps, max(self.steps - 1, 0))

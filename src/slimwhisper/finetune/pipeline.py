@@ -1,0 +1,199 @@
+"""`recover`: fine-tune a compressed model and, optionally, its identically trained uncompressed control.
+
+Output directory:
+    model/          the fine-tuned compressed model (safetensors + processor; loads with `slimwhisper.load`)
+    control/        the original model trained with the same recipe, data order and module paths
+    finetune.json   config, source, teacher, data, steps, wall times (rewritten after each arm)
+    loss.png        loss curves of both arms
+    work/<arm>/     checkpoint/ and loss.csv; re-running the same command resumes from here
+A finished arm is never retrained; a different recipe in the same directory is an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SlimWhisperError
+from ..loading.processor import save_processor
+from .config import FinetuneConfig
+from .train import converted_paths, finetune
+
+RUN_FILE = "finetune.json"
+ARMS = ("model", "control")
+_OWNED = (*ARMS, "work", RUN_FILE, "loss.png")
+
+
+@dataclass(frozen=True)
+class RecoveryJob:
+    """One `slimwhisper finetune` invocation."""
+
+    model: str
+    train: str
+    out: str
+    config: FinetuneConfig = FinetuneConfig()
+    control: bool = False
+    teacher: str | None = None
+    cache_dir: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def recorded_source(model_path: str) -> dict | None:
+    """`slimwhisper_source` as saved in a model directory's config.json (loading a directory replaces it)."""
+    config = Path(model_path).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("slimwhisper_source")
+    return None
+
+
+def load_teacher(source: dict | None, teacher: str | None, device: str | None) -> tuple[Any, Any, dict]:
+    """The original model: `teacher` when given, else rebuilt from the recorded source and checked by sha256."""
+    from .. import load
+
+    if teacher is None and not (source and source.get("name")):
+        raise SlimWhisperError(
+            "the model records no original (config.slimwhisper_source) to distil from or to train as the "
+            "control; pass --teacher PATH (the uncompressed model), or --kd-weight 0 without --control"
+        )
+    model, processor = load(teacher or source["name"], device=device)
+    got = (model.config.slimwhisper_source or {}).get("sha256")
+    if teacher is None and source.get("sha256") and got != source["sha256"]:
+        raise SlimWhisperError(
+            f"the original '{source['name']}' on this machine has other weights (sha256 {str(got)[:12]}...) than "
+            f"the model was converted from ({source['sha256'][:12]}...); pass the right one with --teacher"
+        )
+    return model, processor, {"name": teacher or source["name"], "sha256": got, "checked": teacher is None}
+
+
+def _prepare_out(job: RecoveryJob) -> tuple[Path, dict]:
+    """The output directory and the run record; refuses a directory holding another run or other files."""
+    out = Path(job.out).expanduser()
+    record_path = out / RUN_FILE
+    identity = {"model": str(job.model), "train": str(job.train), "config": job.config.to_dict(),
+                "control": job.control, "teacher": job.teacher}
+    if job.overwrite and out.exists() and _is_main():
+        for name in _OWNED:
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("identity") != identity:
+            diff = sorted(k for k in identity if record.get("identity", {}).get(k) != identity[k])
+            raise SlimWhisperError(f"{out} holds a fine-tuning run with other settings ({', '.join(diff)}); "
+                                   "use another --out or pass --overwrite")
+        return out, record
+    if out.exists() and any(out.iterdir()):
+        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    return out, {"identity": identity, "arms": {}}
+
+
+def _is_main() -> bool:
+    """Only the main process of a multi-process (accelerate / torchrun) run writes files."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _write_record(out: Path, record: dict) -> None:
+    if not _is_main():
+        return
+    tmp = out / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / RUN_FILE)
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _train_arm(job: RecoveryJob, arm: str, model, processor, teacher, source, paths, out: Path) -> dict:
+    """Train one arm (resuming if possible), save it, return its record."""
+    result = finetune(model, job.train, job.config, processor=processor, teacher=teacher, scope_paths=paths,
+                      work_dir=out / "work" / arm, cache_dir=job.cache_dir, device=job.device, progress=job.progress)
+    if _is_main():
+        if source is not None:
+            model.config.slimwhisper_source = source  # the fine-tuned model still names its original
+        model.save_pretrained(out / arm)
+        save_processor(processor, out / arm)
+    return {**result.to_dict(), "finished": True, "path": str(out / arm)}
+
+
+def recover(job: RecoveryJob) -> dict:
+    """Run the job: the compressed arm, then the control (when asked); returns the run record."""
+    from .. import load
+
+    config = job.config
+    out, record = _prepare_out(job)
+    if not Path(job.train).expanduser().exists():
+        raise SlimWhisperError(f"training data {job.train} does not exist; give a manifest.jsonl or dataset folder")
+    source = recorded_source(job.model)
+    model, processor = load(job.model, device=job.device)
+    paths = converted_paths(model.config)
+    if source is None and not paths:  # an uncompressed model (short name, plain directory) is its own original
+        source = model.config.slimwhisper_source
+    need_original = config.needs_teacher or job.control
+    teacher, _, teacher_info = load_teacher(source, job.teacher, job.device) if need_original else (None, None, None)
+    out.mkdir(parents=True, exist_ok=True)
+    record.update(source=source, teacher=teacher_info, converted_paths=list(paths), environment=_environment())
+    started = time.perf_counter()
+    for arm in ARMS if job.control else ARMS[:1]:
+        if record["arms"].get(arm, {}).get("finished") and (out / arm / "config.json").is_file():
+            continue
+        if arm == "control":
+            model, processor = load(teacher_info["name"], device=job.device)  # a fresh copy of the original
+        record["arms"][arm] = _train_arm(job, arm, model, processor, teacher, source, paths, out)
+        _write_record(out, record)
+        if _is_main():
+            write_loss_plot(out)
+    record["wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
+    _write_record(out, record)
+    return record
+
+
+def write_loss_plot(out: Path) -> Path | None:
+    """loss.png: total loss (and CE / KD) per step of each arm, from work/<arm>/loss.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for arm, color in zip(ARMS, ("tab:blue", "tab:orange")):
+        path = out / "work" / arm / "loss.csv"
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            continue
+        steps = [int(r["step"]) for r in rows]
+        for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
+            ax.plot(steps, [float(r[key]) for r in rows], style, color=color, label=f"{arm} {key}", linewidth=1)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    return out / "loss.png"

@@ -1,0 +1,400 @@
+"""`finetune`: the training loop (Accelerate for devices, mixed precision and multi-process runs).
+
+One optimizer step = `batch_size` utterances, drawn in a fixed order (a seeded permutation per epoch, a
+pure function of the step), split over processes and micro-batches. Checkpoints hold the trainable
+tensors, the optimizer, the RNG states and the step; the data order and the learning rate are functions
+of the step, so a resumed run takes exactly the same steps as an uninterrupted one.
+Only the main process writes files (cache, log, checkpoints).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from ..data import load_sample_audio
+from ..errors import SlimWhisperError
+from .config import FinetuneConfig
+from .data import (
+    EncoderCache,
+    TopK,
+    TrainItem,
+    build_items,
+    collate,
+    collate_topk,
+    fill_encoder_cache,
+    hash_samples,
+    load_encoder_outputs,
+    log_mel,
+    open_train_data,
+    teacher_topk,
+    teacher_transcripts,
+    weights_fingerprint,
+)
+from .losses import combined_loss, lr_factor
+
+LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "time")
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainResult:
+    """What a `finetune` call did; `steps_done < config.steps` only when stopped early (`stop_after`)."""
+
+    steps_done: int
+    wall_seconds: float
+    resumed_from: int
+    trainable_parameters: int
+    n_train: int
+    skipped: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)  # the last logged row
+    encoder_cached: bool = True
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def converted_paths(config: Any) -> tuple[str, ...]:
+    """Module paths the compression replaced (MLA attention, low-rank linears), from `config.compression`."""
+    compression = getattr(config, "compression", None) or {}
+    paths = [name for spec in compression.values() if isinstance(spec, dict) for name in spec.get("layers", {})]
+    return tuple(sorted(paths))
+
+
+def select_trainable(model: nn.Module, scope: str, paths: Sequence[str] = ()) -> list[str]:
+    """Set `requires_grad` for `scope` ("converted" = the modules under `paths`) and return the trained names."""
+    names = [n for n, _ in model.named_parameters()]
+    if scope == "all":
+        chosen = set(names)
+    elif scope == "decoder":
+        chosen = {n for n in names if n.startswith("model.decoder.")}
+    else:
+        if not paths:
+            raise SlimWhisperError(
+                "the model has no converted modules to train (its config records no compression); "
+                "use --scope decoder or --scope all"
+            )
+        missing = [p for p in paths if not any(n.startswith(p + ".") for n in names)]
+        if missing:
+            raise SlimWhisperError(f"the model has no modules {missing[:3]}; it does not match the converted one")
+        chosen = {n for n in names if n.startswith(tuple(p + "." for p in paths))}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return [n for n in names if n in chosen]
+
+
+def unshare(model: nn.Module, teacher: nn.Module) -> int:
+    """Give trainable parameters that share storage with the teacher their own copy; returns how many.
+
+    `slimwhisper.convert` returns a model that owns its tensors, but a model assembled by other code
+    around the teacher's tensors would otherwise silently train the teacher too.
+    """
+    theirs = {t.data_ptr() for t in teacher.state_dict().values()}
+    copied = 0
+    for param in model.parameters():
+        if param.requires_grad and param.data_ptr() in theirs:
+            param.data = param.data.clone()
+            copied += 1
+    return copied
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Dataset indices of optimizer step `step`: consecutive slices of per-epoch seeded permutations."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(order[offset]))
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(work_dir: Path, step: int, model: nn.Module, names: Sequence[str], optimizer: Any,
+                    meta: dict) -> None:
+    """Atomically replace `work_dir/checkpoint` (trainable tensors, optimizer, RNG, step, run identity)."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    tmp = work_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    final = work_dir / CHECKPOINT
+    old = work_dir / f"{CHECKPOINT}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(work_dir: Path, model: nn.Module, optimizer: Any, meta: dict) -> int:
+    """Restore a checkpoint written for the same run (config, data, trainable set); returns its step, 0 if none."""
+    from safetensors.torch import load_file
+
+    ckpt = work_dir / CHECKPOINT
+    if not (ckpt / "state.json").is_file():
+        return 0
+    saved = json.loads((ckpt / "state.json").read_text())
+    for key in ("config", "data_fingerprint", "trainable"):
+        if saved.get(key) != meta.get(key):
+            raise SlimWhisperError(
+                f"{work_dir} holds a checkpoint of another run (its {key} differs); use another --out or --overwrite"
+            )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(ckpt / "trainable.safetensors")).items():
+            params[name].copy_(tensor)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(saved["step"])
+
+
+class LossLog:
+    """CSV of one row per step, appended and flushed as training goes; a resume drops rows past the checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step and path.is_file():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+
+
+@dataclass
+class _Sources:
+    """Where each micro-batch's encoder states and distillation targets come from."""
+
+    student: EncoderCache | None  # None: the student's encoder is trained, so it runs every step
+    teacher: dict[str, TopK] | None  # item key -> the teacher's top-k log-probs
+    feature_extractor: Any
+
+
+def _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id, progress) -> _Sources:
+    """Fill the encoder caches and the teacher's targets (main process first; the others then read them)."""
+    student_net = accelerator.unwrap_model(model)  # DDP wraps the model in multi-process runs
+    encoder_trained = any(p.requires_grad for p in student_net.get_encoder().parameters())
+    student_cache = teacher_cache = None
+    targets = None
+    for turn in ("main", "others"):
+        if accelerator.is_main_process == (turn == "main"):
+            if not encoder_trained:
+                student_cache = EncoderCache(cache_dir, weights_fingerprint(student_net.get_encoder()))
+                fill_encoder_cache(student_net, processor.feature_extractor, items, student_cache,
+                                   batch_size=config.micro_batch_size, progress=progress)
+            if teacher is not None and config.kd_weight > 0:
+                fp = weights_fingerprint(teacher.get_encoder())
+                same = student_cache is not None and student_cache.fingerprint == fp
+                teacher_cache = student_cache if same else EncoderCache(cache_dir, fp)
+                fill_encoder_cache(teacher, processor.feature_extractor, items, teacher_cache,
+                                   batch_size=config.micro_batch_size, progress=progress)
+                targets = teacher_topk(teacher, items, teacher_cache, k=config.kd_top_k,
+                                       temperature=config.temperature, root=cache_dir, pad_id=pad_id,
+                                       batch_size=config.micro_batch_size, progress=progress)
+        accelerator.wait_for_everyone()
+    return _Sources(student_cache, targets, processor.feature_extractor)
+
+
+def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = accelerator.device
+    inputs, labels = collate(batch, pad_id)
+    inputs, labels = inputs.to(device), labels.to(device)
+    if sources.student is not None:
+        hidden = load_encoder_outputs(sources.student, batch).to(device, torch.float32)
+        student_kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
+    else:
+        audios = [load_sample_audio(it.sample, on_long="error") for it in batch]
+        student_kwargs = {"input_features": log_mel(sources.feature_extractor, audios, device, torch.float32)}
+    topk = None
+    if sources.teacher is not None:
+        idx, logp = collate_topk(batch, sources.teacher)
+        topk = (idx.to(device), logp.to(device))
+    with accelerator.autocast():
+        logits = model(decoder_input_ids=inputs, **student_kwargs).logits
+    return combined_loss(logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
+                         temperature=config.temperature)
+
+
+def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int, sources: _Sources,
+                config: FinetuneConfig, accelerator, pad_id: int) -> torch.Tensor:
+    """One optimizer step over this process's share of the step's batch; returns this process's (loss, ce, kd)."""
+    world = accelerator.num_processes
+    mine = batch_indices(step, config.batch_size, len(items), config.seed)[accelerator.process_index::world]
+    micro = [mine[i : i + config.micro_batch_size] for i in range(0, len(mine), config.micro_batch_size)]
+    totals = torch.zeros(3, device=accelerator.device)
+    for i, idx in enumerate(micro):
+        with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():  # sync on the last only
+            loss, ce, kd = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id)
+            accelerator.backward(loss / len(micro))
+        totals += torch.stack([loss.detach(), ce.detach(), kd.detach()]) / len(micro)
+    if config.clip_norm > 0:
+        accelerator.clip_grad_norm_(params, config.clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def finetune(
+    model: nn.Module,
+    train_data: Any,
+    config: FinetuneConfig | None = None,
+    *,
+    processor: Any,
+    teacher: nn.Module | None = None,
+    scope_paths: Sequence[str] | None = None,
+    work_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Fine-tune `model` in place on `train_data` as `config` says; resumable from `work_dir`.
+
+    Args:
+        model: a (compressed) Whisper; its trainable scope is set here, the rest is frozen.
+        train_data: anything `open_dataset` reads (path), a `Dataset`, or a list of `Sample`s.
+        config: the recipe (default `FinetuneConfig()`, the documented recipe).
+        processor: the model's WhisperProcessor (tokenizer for labels, feature extractor for audio).
+        teacher: the uncompressed original, needed when `config.kd_weight > 0` or `config.label_free`.
+        scope_paths: module paths for scope "converted" (default: the ones `model.config.compression`
+            lists); pass the compressed model's paths when training its uncompressed control.
+        work_dir: checkpoints and loss.csv go here; a run finds its checkpoint and resumes.
+        cache_dir: root of the encoder-output cache (default ~/.cache/slimwhisper/encoder-outputs).
+        device: "cpu", "cuda", ... (default: Accelerate's choice, the GPU when there is one).
+        stop_after: stop (with a checkpoint) after this step, as a time budget or a simulated kill.
+
+    Returns:
+        A `TrainResult`; the trained weights are in `model`.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config = config if config is not None else FinetuneConfig()
+    if config.needs_teacher and teacher is None:
+        raise SlimWhisperError("distillation and label-free training need the original model as teacher")
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else config.mixed_precision)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    per_process = config.batch_size // world
+    if per_process * world != config.batch_size or per_process % min(config.micro_batch_size, per_process):
+        raise SlimWhisperError(f"batch_size {config.batch_size} does not split over {world} processes and "
+                               f"micro-batches of {config.micro_batch_size}")
+    torch.manual_seed(config.seed)
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None and main:
+        work.mkdir(parents=True, exist_ok=True)
+
+    samples, report, source = open_train_data(train_data)
+    pairs = hash_samples(samples, report, progress=progress and main)
+    texts = None
+    if config.label_free:
+        teacher.to(accelerator.device)
+        texts = teacher_transcripts(teacher, processor, pairs, cache_dir, config.language,
+                                    batch_size=config.micro_batch_size, progress=progress and main)
+    items = build_items(pairs, model, processor.tokenizer, texts, config.language, config.max_label_tokens)
+
+    paths = tuple(scope_paths) if scope_paths is not None else converted_paths(model.config)
+    names = select_trainable(model, config.scope, paths)
+    model.eval()  # dropout and layerdrop off (Whisper has none); gradients flow in eval mode
+    if teacher is not None:
+        unshare(model, teacher)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False).to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    model.to(accelerator.device)
+    meta = {"config": config.to_dict(), "trainable": names,
+            "data_fingerprint": data_fingerprint(items)}
+    start = load_checkpoint(work, model, optimizer, meta) if work is not None else 0
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    sources = _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id,
+                               progress and main)
+    log = LossLog(work / "loss.csv", start, main) if work is not None else None
+
+    elapsed = _previous_seconds(work, start)
+    t0 = time.perf_counter()
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    last: dict = {}
+    bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step", disable=not (progress and main))
+    for step in range(start, end):
+        lr = config.lr * lr_factor(step, config.steps, config.warmup, config.schedule, config.min_lr_ratio,
+                                   config.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = _train_step(model, optimizer, params, items, step, sources, config, accelerator, pad_id)
+        totals = accelerator.reduce(totals, reduction="mean")
+        last = {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
+                "time": round(elapsed + time.perf_counter() - t0, 2)}
+        if log is not None:
+            log.append(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}")
+        done = step + 1
+        if work is not None and main and (done % config.checkpoint_every == 0 or done == end):
+            save_checkpoint(work, done, accelerator.unwrap_model(model), names, optimizer,
+                            {**meta, "seconds": elapsed + time.perf_counter() - t0})
+        accelerator.wait_for_everyone()
+    bar.close()
+    return TrainResult(steps_done=max(end, start), wall_seconds=elapsed + time.perf_counter() - t0,
+                       resumed_from=start, trainable_parameters=sum(p.numel() for p in params), n_train=len(items),
+                       skipped=report.to_dict() | {"source": source}, last=last,
+                       encoder_cached=sources.student is not None)
+
+
+def data_fingerprint(items: Sequence[TrainItem]) -> str:
+    """Identity of the training set (ids, audio hashes, labels), so a checkpoint is never resumed on other data."""
+    digest = hashlib.sha256()
+    for it in items:
+        digest.update(f"{it.sample.id}\0{it.audio_hash}\0{it.input_ids}\0{it.labels}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _previous_seconds(work: Path | None, step: int) -> float:
+    if work is None or not step:
+        return 0.0
+    return float(json.loads((work / CHECKPOINT / "state.json").read_text()).get("seconds", 0.0))
