@@ -15,11 +15,12 @@ from transformers.generation.logits_process import (
 
 import slimwhisper as sw
 from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
+from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
 from slimwhisper.engine.cache import StaticEncoderDecoderCache
 from slimwhisper.engine.decode import DecoderRunner, greedy_decode
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.rules import LogitRules, TokenIds
-from slimwhisper.engine.transcriber import Segment, Transcriber, parse_segments, split_windows
+from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
 
 
 def varied_whisper(seed: int = 0):
@@ -184,3 +185,148 @@ def test_token_parity_with_generate_on_tiny_en():
     assert ours == ref
     texts = [r.text for r in engine.transcribe(audios, temperature=0.0)]
     assert texts[1] == processor.batch_decode(model.generate(feats[1:2]), skip_special_tokens=True)[0].strip()
+
+
+# ------------------------------------------------------------------ beam search
+def engine_beam_tokens(model, features: torch.Tensor, k: int, timestamps: bool = False, **kwargs) -> list[list[int]]:
+    runner = DecoderRunner(model)
+    ids = TokenIds.from_generation_config(model.generation_config)
+    prompt = torch.tensor([[ids.sot] if timestamps else [ids.sot, ids.no_timestamps]] * features.shape[0])
+    decoded = beam_decode(runner, runner.encode(features), prompt, ids, beam_size=k, timestamps=timestamps, **kwargs)
+    return [d.tokens for d in decoded]
+
+
+def generate_beam_tokens(model, features: torch.Tensor, k: int, timestamps: bool = False, **kwargs) -> list[list[int]]:
+    """`generate(num_beams=k)`'s hypotheses from one beam search call.
+
+    Random models emit timestamp tokens even without timestamps, and Whisper's `generate` then seeks and
+    decodes the window again (and concatenates); `force_unique_generate_call` keeps the first search only.
+    """
+    out = model.generate(features, num_beams=k, do_sample=False, return_timestamps=timestamps,
+                         return_dict_in_generate=True, force_unique_generate_call=True, **kwargs).sequences
+    plen = 1 if timestamps else 2
+    return [[t for t in row.tolist()[plen:] if t != EOT] for row in out]
+
+
+@pytest.mark.parametrize("seed,k,timestamps,options", [
+    (0, 3, False, {}),
+    (4, 5, False, {}),
+    (5, 3, True, {}),
+    (0, 3, False, {"early_stopping": True}),
+    (5, 3, False, {"early_stopping": "never", "length_penalty": 0.5}),
+])
+def test_beam_matches_generate(seed, k, timestamps, options):
+    model, features = varied_whisper(seed), varied_features(4, seed=seed + 1)
+    ours = engine_beam_tokens(model, features, k, timestamps, **options)
+    assert ours == generate_beam_tokens(model, features, k, timestamps, **options)
+    lengths = [len(t) for t in ours]
+    assert min(lengths) < 40 and max(lengths) == 64 - (1 if timestamps else 2)  # EOT-ended and max-length rows
+
+
+def test_beam_search_differs_from_greedy_and_scores_better():
+    model, features = varied_whisper(5), varied_features(4, seed=6)
+    runner = DecoderRunner(model)
+    ids = TokenIds.from_generation_config(model.generation_config)
+    prompt = torch.tensor([[ids.sot, ids.no_timestamps]] * 4)
+    enc = runner.encode(features)
+    greedy = greedy_decode(runner, enc, prompt, ids)
+    beams = beam_decode(runner, enc, prompt, ids, beam_size=3)
+    assert [g.tokens for g in greedy] != [b.tokens for b in beams]
+    for g, b in zip(greedy, beams):
+        assert b.no_speech_prob == pytest.approx(g.no_speech_prob)
+        assert b.sum_logprob <= 0 and np.isfinite(b.avg_logprob)
+        assert b.extras["score"] == pytest.approx(b.extras["score"])  # a finite, comparable score
+        if b.tokens == g.tokens:
+            assert b.sum_logprob == pytest.approx(g.sum_logprob, abs=1e-4)  # same renormalised log-probs
+
+
+def test_beam_matches_generate_for_mla():
+    base = varied_whisper(4)
+    slim = sw.convert(base, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))
+    slim.generation_config = base.generation_config
+    features = varied_features(3, seed=5)
+    assert engine_beam_tokens(slim, features, 3) == generate_beam_tokens(slim, features, 3)
+
+
+def test_beam_stopping_rules():
+    pool = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]])
+    full = torch.tensor([[True, True], [True, False]])
+    # audio 0: best running -5 over 2 tokens = -2.5 < worst pooled -2: cannot improve; audio 1: a slot is free
+    assert can_still_improve(torch.tensor([-5.0, -5.0]), pool, full, 2, 1.0).tolist() == [False, True]
+    assert can_still_improve(torch.tensor([-3.0, -5.0]), pool, full, 2, 1.0).tolist() == [True, True]
+    assert length_normalised(torch.tensor(-6.0), 4, 0.5).item() == pytest.approx(-3.0)
+    with pytest.raises(ValueError, match="beam_size"):
+        engine_beam_tokens(varied_whisper(), varied_features(1), 0)
+
+
+def test_cli_beams_reach_the_engine(monkeypatch, tmp_path, capsys):
+    import soundfile as sf
+
+    from slimwhisper import cli, engine
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, processor, **kwargs):
+            seen.update(kwargs)
+
+        def transcribe(self, audios, **kwargs):
+            return [Transcription("hi", [], "en", 1.0) for _ in audios]
+
+    monkeypatch.setattr(engine, "Transcriber", Recorder)
+    monkeypatch.setattr(sw, "load", lambda name, device=None: (None, None))
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16_000, dtype=np.float32), 16_000)
+    assert cli.main(["transcribe", "tiny.en", str(wav), "--beams", "4"]) == 0
+    assert seen["beam_size"] == 4 and "hi" in capsys.readouterr().out
+
+
+@pytest.mark.real
+def test_beam_parity_with_generate_on_tiny_en():
+    from slimwhisper.audio import load_audio
+    from slimwhisper.transcribe import generation_kwargs
+
+    rows = [json.loads(line) for line in (SHARED_DATA / "realspeech" / "manifest.jsonl").open()]
+    en = [r for r in rows if r["lang"] == "en"][:3]
+    audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in en]
+    model, processor = sw.load("tiny.en")
+    engine = Transcriber(model, processor, batch_size=3, beam_size=3)
+    feats = engine._features(audios)
+    ours = engine_beam_tokens(model, feats, 3)
+    ref = model.generate(feats, **generation_kwargs(model, None, 3))
+    texts = processor.batch_decode(ref, skip_special_tokens=True)
+    eot = model.generation_config.eos_token_id
+    assert ours == [[t for t in row.tolist() if t != eot] for row in ref]
+    results = engine.transcribe(audios, temperature=0.0)
+    assert [r.text for r in results] == [t.strip() for t in texts]
+
+
+@pytest.mark.real
+def test_multilingual_greedy_parity_on_base():
+    """Language given (prompt SOT de transcribe notimestamps) and detected per row, as `generate` does."""
+    from slimwhisper.audio import load_audio
+    from slimwhisper.transcribe import generation_kwargs
+
+    rows = [json.loads(line) for line in (SHARED_DATA / "realspeech" / "manifest.jsonl").open()]
+    picked = [next(r for r in rows if r["id"] == i) for i in ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")]
+    audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in picked]
+    model, processor = sw.load("base")
+    engine = Transcriber(model, processor, batch_size=2)
+    eot = model.generation_config.eos_token_id
+
+    def ref_tokens(feats, language):
+        out = model.generate(feats, **generation_kwargs(model, language, 1))
+        return [[t for t in row.tolist() if t != eot] for row in out]
+
+    feats = engine._features(audios)
+    enc = engine.runner.encode(feats)
+    langs = engine.detect_language(enc)
+    assert processor.tokenizer.convert_ids_to_tokens(langs) == ["<|de|>", "<|fr|>"]
+    prompt = torch.tensor([engine._sot_sequence(lg, "transcribe", False) for lg in langs])
+    ours = [d.tokens for d in greedy_decode(engine.runner, enc, prompt, engine.ids)]
+    assert ours == ref_tokens(feats, None)
+    prompt = torch.tensor([engine._sot_sequence(engine._language_id("de"), "transcribe", False)])
+    assert [d.tokens for d in greedy_decode(engine.runner, enc[:1], prompt, engine.ids)] == ref_tokens(feats[:1], "de")
+    results = engine.transcribe(audios, temperature=0.0)
+    assert [r.language for r in results] == ["de", "fr"]
+    assert [r.text for r in results] == [processor.decode(t, skip_special_tokens=True).strip() for t in ours]

@@ -3,7 +3,8 @@
 Batched mode (default, fast): every recording is cut into 30-s windows, and the windows of all inputs
 are decoded as independent rows of one batch (faster-whisper's batched style; no conditioning across
 windows). Sequential mode: each recording advances window by window to the last predicted timestamp,
-conditioned on the previous text, like openai-whisper. Both use temperature fallback.
+conditioned on the previous text, like openai-whisper. Both use temperature fallback; with beam_size > 1
+the temperature-0 attempt is a beam search (openai-whisper's rule: beams at 0, sampling for the fallbacks).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio
 from ..errors import SlimWhisperError
+from .beam import beam_decode
 from .decode import Decoded, DecoderRunner, greedy_decode
 from .quantize import quantize as apply_quantization
 from .rules import TokenIds
@@ -109,16 +111,19 @@ class Transcriber:
         beam_size: int = 1,
         quantize: str | None = None,
         compile: bool = False,
+        length_penalty: float | None = None,
+        patience: float = 1.0,
     ):
         if beam_size < 1 or batch_size < 1:
             raise SlimWhisperError("beam_size and batch_size must be at least 1")
-        if beam_size > 1:
-            raise SlimWhisperError("beam search is not implemented in the engine yet; use --engine generate --beams N")
+        if patience < 1.0:
+            raise SlimWhisperError(f"patience must be at least 1.0, got {patience}")
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         model = apply_quantization(model.eval(), quantize)
         self.model, self.processor = model, processor
         self.batch_size, self.beam_size = batch_size, beam_size
+        self.length_penalty, self.patience = length_penalty, patience
         self.ids = TokenIds.from_generation_config(model.generation_config)
         self.runner = DecoderRunner(model)
         if compile:
@@ -201,7 +206,12 @@ class Transcriber:
                 prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 enc = encoder_out[rows] if len(rows) != encoder_out.shape[0] else encoder_out
                 t0 = time.perf_counter()
-                decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temp)
+                if self.beam_size > 1 and temp == 0:
+                    decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size,
+                                          timestamps=timestamps, length_penalty=self.length_penalty,
+                                          patience=self.patience)
+                else:
+                    decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temp)
                 self.stats["decode_s"] += time.perf_counter() - t0
                 self.stats["steps"] += max(len(r.tokens) + 1 for r in decoded)
                 self.stats["tokens"] += sum(len(r.tokens) + 1 for r in decoded)
