@@ -388,8 +388,16 @@ def test_hf_directory_round_trip(converted: dict, tmp_path: Path) -> None:
     again, proc = load(tmp_path / "hf", cache_dir=tmp_path / "cache")
     assert torch.equal(again.model.encoder.conv1.weight, model.model.encoder.conv1.weight)
     assert again.generation_config.no_timestamps_token_id == NO_TS and len(proc.tokenizer) == VOCAB
+    # a directory slimwhisper saved keeps naming the original it came from (teacher, control, peers)
+    assert again.config.slimwhisper_source == model.config.slimwhisper_source
+    # a plain HF directory names no original: what was read is recorded
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("slimwhisper_source")
+    config_path.write_text(json.dumps(config))
+    plain, _ = load(tmp_path / "hf", cache_dir=tmp_path / "cache")
     weights = hashlib.sha256((tmp_path / "hf" / "model.safetensors").read_bytes()).hexdigest()
-    assert again.config.slimwhisper_source == {"name": str(tmp_path / "hf"), "sha256": weights, "format": "huggingface"}
+    assert plain.config.slimwhisper_source == {"name": str(tmp_path / "hf"), "sha256": weights, "format": "huggingface"}
 
 
 def test_hf_directory_without_generation_config(converted: dict, tmp_path: Path) -> None:

