@@ -25,8 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = FinetuneConfig()
     p = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a compressed model (with a paired control)",
-        description="Fine-tune a compressed model's converted modules with cross-entropy on the references plus "
-        "distillation from its original; with --control, train the original identically as the baseline.",
+        description="Fine-tune a compressed model (by default its decoder, encoder frozen) with cross-entropy on "
+        "the references plus distillation from its original; with --control, train the original identically as "
+        "the baseline. --scope converted trains only the compressed modules (e.g. a low-rank encoder).",
     )
     p.add_argument("model", help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
     p.add_argument("--train", required=True, help="training data: manifest.jsonl, LibriSpeech, Common Voice, ...")

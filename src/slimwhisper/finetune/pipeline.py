@@ -46,7 +46,7 @@ class RecoveryJob:
 
 
 def recorded_source(model_path: str) -> dict | None:
-    """`slimwhisper_source` as saved in a model directory's config.json (loading a directory replaces it)."""
+    """`slimwhisper_source` as saved in a model directory's config.json (read without loading the weights)."""
     config = Path(model_path).expanduser() / "config.json"
     if config.is_file():
         return json.loads(config.read_text()).get("slimwhisper_source")
