@@ -146,3 +146,30 @@ def test_product_owner_check_on_tiny_en(capsys):
     assert code == 0
     ms = json.loads(capsys.readouterr().out)["ms_per_token"]
     assert ms["baseline"] > 0 and ms["model"] > 0
+
+
+def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
+    """`bench e2e` on a saved tiny model: the JSON keys the owner checks; faster-whisper is skipped with a reason
+    (the model was not read from CTranslate2 files); the fp32 engine and generate agree on every transcript."""
+    from test_finetune import tiny_pair, write_clips
+
+    from slimwhisper.loading.processor import save_processor
+
+    model, processor = tiny_pair(False)
+    model.save_pretrained(tmp_path / "m")
+    save_processor(processor, tmp_path / "m")
+    manifest = write_clips(tmp_path / "d", n=3)
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "e2e", "--model", str(tmp_path / "m"), "--data", str(manifest), "--batch", "2", "--json",
+            "--out", str(out)]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    rtf, wer = printed["rtf"], printed["wer"]
+    assert {"slimwhisper", "hf_generate", "faster_whisper_int8"} <= set(rtf) and set(rtf) == set(wer)
+    for system in ("slimwhisper", "slimwhisper_fp32", "hf_generate"):
+        assert rtf[system] > 0 and wer[system] >= 0
+    assert rtf["faster_whisper_int8"] is None and "CTranslate2" in printed["details"]["faster_whisper_int8"]["skipped"]
+    assert wer["slimwhisper_fp32"] == wer["hf_generate"]
+    assert printed["details"]["slimwhisper"]["engine"]["quantize"] == "int8"
+    assert printed["audio_seconds"] == pytest.approx(3 * 0.6, rel=1e-3)

@@ -5,6 +5,11 @@ audio duration (audio decoding excluded, feature extraction included). faster-wh
 CTranslate2 weights the model was loaded from (`config.slimwhisper_source`), greedy, no VAD, without
 timestamps, one `WhisperModel.transcribe` call per file (its batched pipeline batches windows of one
 file only, so for clips under 30 s it is the same).
+
+Systems: "slimwhisper" is the engine as fast as it is offered on the device (int8 linears on a CPU,
+like for like with "faster_whisper_int8"); "slimwhisper_fp32" the engine in the model's own precision,
+which gives the same tokens as "hf_generate" (transformers `generate`, same precision).
+Systems run one after another (not interleaved): on a shared machine compare within one run only.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 from ..errors import SlimWhisperError
 from .common import run_metadata, set_threads
 
-SYSTEMS = ("slimwhisper", "slimwhisper_int8", "hf_generate", "faster_whisper_int8", "faster_whisper_fp32")
+SYSTEMS = ("slimwhisper", "slimwhisper_fp32", "hf_generate", "faster_whisper_int8", "faster_whisper_fp32")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     model, processor = load(args.model)
     model.eval()
+    device = next(model.parameters()).device
     multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
     language = args.language or (samples[0].language if multilingual else None)
     rtf: dict = {}
@@ -137,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
         stats = None
         try:
             if system.startswith("slimwhisper"):
-                quant = "int8" if system.endswith("int8") else None
+                # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
+                quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
                 texts, wall, stats = _engine(model, processor, audios, language, args.batch, quant)
+                stats["quantize"] = quant
             elif system == "hf_generate":
                 texts, wall = _generate(model, processor, audios, language, args.batch)
             else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -33,10 +34,14 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     targets = {
         name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in keep and name
     }
-    from torch.ao.quantization import quantize_dynamic
-
     model = copy.deepcopy(model).float()
-    return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=False)
+    with warnings.catch_warnings():
+        # torch.ao's eager dynamic quantisation is deprecated in favour of torchao; it still works in the pinned
+        # torch, and its deprecation notices are not something our users can act on
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=False)
 
 
 def quantize(model: nn.Module, method: str | None) -> nn.Module:
