@@ -403,3 +403,11 @@ def test_label_free_trains_on_cached_teacher_transcripts(slim, tmp_path, monkeyp
 
     monkeypatch.setattr(data_module, "transcribe_arrays", no_generation)
     finetune(model, manifest, config, processor=processor, teacher=original, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_normalised_references_are_recognised():
+    from slimwhisper.finetune.data import looks_normalised
+
+    assert looks_normalised(["i am from the cutter", "don't cry he said", "HELLO WORLD"])
+    assert not looks_normalised(["I am from the cutter.", "Don't cry, he said.", "Hello world!"])
+    assert not looks_normalised(["", "  "])  # nothing to judge

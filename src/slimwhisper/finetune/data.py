@@ -99,6 +99,20 @@ def collate(items: Sequence[TrainItem], pad_id: int) -> tuple[torch.Tensor, torc
     return inputs, labels
 
 
+def looks_normalised(texts: Sequence[str], share: float = 0.9) -> bool:
+    """Whether references were written without case and punctuation (as LibriSpeech-style corpora are).
+
+    Cross-entropy on such references teaches the model to write that way too (its transcripts lose
+    capitals and punctuation); the normalised WER hides it, users do not.
+    """
+    texts = [t for t in texts if any(ch.isalpha() for ch in t)]
+    if not texts:
+        return False
+    flat = sum(1 for t in texts if t == t.lower() or t == t.upper()) / len(texts)
+    bare = sum(1 for t in texts if not any(ch in ".,?!;:" for ch in t)) / len(texts)
+    return flat >= share and bare >= share
+
+
 def open_train_data(data: str | os.PathLike | Dataset | Sequence[Sample]) -> tuple[list[Sample], SkipReport, str]:
     """Samples, skip report and a source label from a path (anything `open_dataset` reads) or samples."""
     if isinstance(data, (str, os.PathLike)):

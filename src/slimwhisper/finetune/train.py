@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -40,6 +41,7 @@ from .data import (
     hash_samples,
     load_encoder_outputs,
     log_mel,
+    looks_normalised,
     open_train_data,
     teacher_topk,
     teacher_transcripts,
@@ -48,6 +50,7 @@ from .data import (
 from .losses import combined_loss, lr_factor
 
 LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "time")
+logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 
 
@@ -328,6 +331,9 @@ def finetune(
         work.mkdir(parents=True, exist_ok=True)
 
     samples, report, source = open_train_data(train_data)
+    if main and not config.label_free and config.ce_weight > 0 and looks_normalised([x.text for x in samples]):
+        logger.warning("the training references have no case or punctuation: cross-entropy on them makes the model "
+                    "write that way; pass --label-free (the original's transcripts as targets) to keep its style")
     pairs = hash_samples(samples, report, progress=progress and main)
     texts = None
     if config.label_free:
