@@ -169,11 +169,16 @@ def test_srt_and_vtt():
 
 
 # ------------------------------------------------------------------ real weights
+REALSPEECH = SHARED_DATA / "realspeech" / "manifest.jsonl"
+needs_realspeech = pytest.mark.skipif(not REALSPEECH.is_file(), reason=f"{REALSPEECH} not found")
+
+
 @pytest.mark.real
+@needs_realspeech
 def test_token_parity_with_generate_on_tiny_en():
     from slimwhisper.audio import load_audio
 
-    rows = [json.loads(line) for line in (SHARED_DATA / "realspeech" / "manifest.jsonl").open()]
+    rows = [json.loads(line) for line in REALSPEECH.open()]
     en = [r for r in rows if r["lang"] == "en"][:3]
     audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in en]
     model, processor = sw.load("tiny.en")
@@ -282,11 +287,12 @@ def test_cli_beams_reach_the_engine(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.real
+@needs_realspeech
 def test_beam_parity_with_generate_on_tiny_en():
     from slimwhisper.audio import load_audio
     from slimwhisper.transcribe import generation_kwargs
 
-    rows = [json.loads(line) for line in (SHARED_DATA / "realspeech" / "manifest.jsonl").open()]
+    rows = [json.loads(line) for line in REALSPEECH.open()]
     en = [r for r in rows if r["lang"] == "en"][:3]
     audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in en]
     model, processor = sw.load("tiny.en")
@@ -302,12 +308,13 @@ def test_beam_parity_with_generate_on_tiny_en():
 
 
 @pytest.mark.real
+@needs_realspeech
 def test_multilingual_greedy_parity_on_base():
     """Language given (prompt SOT de transcribe notimestamps) and detected per row, as `generate` does."""
     from slimwhisper.audio import load_audio
     from slimwhisper.transcribe import generation_kwargs
 
-    rows = [json.loads(line) for line in (SHARED_DATA / "realspeech" / "manifest.jsonl").open()]
+    rows = [json.loads(line) for line in REALSPEECH.open()]
     picked = [next(r for r in rows if r["id"] == i) for i in ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")]
     audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in picked]
     model, processor = sw.load("base")
