@@ -25,9 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = FinetuneConfig()
     p = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a compressed model (with a paired control)",
-        description="Fine-tune a compressed model (by default its decoder, encoder frozen) with cross-entropy on "
-        "the references plus distillation from its original; with --control, train the original identically as "
-        "the baseline. --scope converted trains only the compressed modules (e.g. a low-rank encoder).",
+        description="Fine-tune a compressed model (by default its decoder, encoder frozen) to match its original: "
+        "cross-entropy on the original's transcripts (or, with --no-label-free, on the references) plus "
+        "distillation from its logits; with --control, train the original identically as the baseline. "
+        "--scope converted trains only the compressed modules (e.g. a low-rank encoder).",
     )
     p.add_argument("model", help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
     p.add_argument("--train", required=True, help="training data: manifest.jsonl, LibriSpeech, Common Voice, ...")
@@ -39,7 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"default {getattr(d, name)}")
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
-    p.add_argument("--label-free", action="store_true", help="train on the teacher's greedy transcripts")
+    p.add_argument("--label-free", action=argparse.BooleanOptionalAction, default=d.label_free,
+                   help="targets: the original's greedy transcripts (default; keeps its style, needs no transcripts) "
+                   "or, with --no-label-free, the dataset's references")
     p.add_argument("--language", help="language of samples whose data names none (multilingual models)")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISION,
                    help="bf16/fp16 on a GPU (CPU always trains in fp32)")

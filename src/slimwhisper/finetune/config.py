@@ -1,12 +1,14 @@
 """`FinetuneConfig`: the recovery fine-tuning recipe (frozen, validated, JSON round trip).
 
 The defaults are the documented recipe: `slimwhisper finetune MODEL --train DATA --out DIR` with no
-other option trains the whole decoder (encoder frozen, its outputs cached) at a low learning rate, with
-cross-entropy on the references plus distillation from the original model, for 100 steps of 8
-utterances (minutes on a CPU for tiny/base). Chosen by experiment (`benchmarks/recovery.py`, tiny.en at
-87.5% self-attention KV reduction, 43 real English clips, each against its identically trained control):
-scope "decoder" at lr 3e-5 ended +0.43 WER points from its control (ns), scope "converted" at lr 3e-4
-+1.14 (ns); "decoder" at 3e-4 diverged. A low-rank encoder is only trained with scope "converted" or "all".
+other option trains the whole decoder (encoder frozen, its outputs cached) at a low learning rate to
+match the original: cross-entropy on the original's own greedy transcripts (label-free) plus distillation
+from its logits, for 100 steps of 8 utterances (minutes on a CPU for tiny/base). Chosen by experiment
+(`benchmarks/recovery.py`, tiny.en at 87.5% self-attention KV reduction, 43 real English clips, each
+against its identically trained control): label-free +0.14 WER points (ns), cross-entropy on the
+(lowercase, unpunctuated) references +0.43 (ns) and the model stopped writing case and punctuation;
+scope "converted" at lr 3e-4 +1.14 (ns); "decoder" at 3e-4 diverged. A low-rank encoder is only trained
+with scope "converted" or "all".
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class FinetuneConfig(Recipe):
         temperature: distillation temperature (the KL term is scaled by T^2).
         kd_top_k: the teacher's k most likely tokens per position are distilled (plus one bucket for the
             rest); computed once per clip and cached, so the teacher never runs during training.
-        label_free: use the teacher's greedy transcripts as targets instead of the references.
+        label_free: use the teacher's greedy transcripts as targets (default) instead of the references.
         language: language of samples whose source names none (multilingual models only).
         seed: data order and initialisation of everything random.
         checkpoint_every: save a resumable checkpoint every this many steps (and at the end).
@@ -69,7 +71,7 @@ class FinetuneConfig(Recipe):
     kd_weight: float = 1.0
     temperature: float = 1.0
     kd_top_k: int = 64
-    label_free: bool = False
+    label_free: bool = True
     language: str | None = None
     seed: int = 0
     checkpoint_every: int = 25

@@ -333,7 +333,7 @@ def finetune(
     samples, report, source = open_train_data(train_data)
     if main and not config.label_free and config.ce_weight > 0 and looks_normalised([x.text for x in samples]):
         logger.warning("the training references have no case or punctuation: cross-entropy on them makes the model "
-                    "write that way; pass --label-free (the original's transcripts as targets) to keep its style")
+                    "write that way; the default --label-free (the original's transcripts as targets) keeps its style")
     pairs = hash_samples(samples, report, progress=progress and main)
     texts = None
     if config.label_free:
