@@ -197,3 +197,25 @@ def load_for_bench(name: str, device: str = "cpu", dtype: str | None = None):
 
     model, _ = load(name, device=device, dtype=dtype)
     return model.eval()
+
+
+def add_model_run_args(p) -> None:
+    """Arguments every model-timing bench shares: threads, device, dtype, --out FILE, --json."""
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--out", help="also write the result JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (default: a short summary)")
+
+
+def finish_model_run(result: dict[str, Any], args, threads: int) -> bool:
+    """Record what was run (models, threads, machine, versions), write --out and print --json; True if printed."""
+    result["models"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
+    result["threads"] = threads
+    result.update(run_metadata(threads=threads, device=args.device, dtype=args.dtype))
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result))
+    return bool(args.json)
+

@@ -18,7 +18,6 @@ views (what a static-cache engine does).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderC
 from ..errors import SlimWhisperError
 from ..memory import cache_bytes_held, kv_cache_bytes
 from ..mla.modules import WhisperMLAAttention, set_decode_mode
-from .common import interleaved_times, load_for_bench, median_ms, run_metadata, set_threads, write_json
+from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 CACHE_KINDS = ("dynamic", "static")
 DEFINITION = (
@@ -293,11 +292,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=(*CACHE_KINDS, "both"), default="dynamic",
                    help="dynamic (HF DynamicCache, as generate), static (preallocated buffers) or both")
     p.add_argument("--no-materialized", action="store_true", help="skip the MLA materialised-decode entry")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--out", help="also write the result JSON to this file")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (default: a short summary)")
+    add_model_run_args(p)
     return p
 
 
@@ -311,14 +306,7 @@ def run(args: argparse.Namespace) -> int:
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
         progress=not args.json,
     )
-    result["models"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
-    result["threads"] = threads
-    result.update(run_metadata(threads=threads, device=args.device, dtype=args.dtype))
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    if not finish_model_run(result, args, threads):
         for key, ms in result["ms_per_token"].items():
             speed = result.get("speedup", {}).get(key)
             print(f"{key:>28}: {ms:8.2f} ms/step  {result['tokens_per_s'][key]:8.1f} tok/s"

@@ -9,13 +9,12 @@ run. To sweep the LiteASR presets (calibrate, convert, time, WER) use
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import interleaved_times, load_for_bench, median_ms, run_metadata, set_threads, write_json
+from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 
 def encoder_params(model: nn.Module) -> int:
@@ -57,11 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--out", help="also write the result JSON to this file")
-    p.add_argument("--json", action="store_true", help="print JSON (default: a short summary)")
+    add_model_run_args(p)
     return p
 
 
@@ -71,13 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline:
         models = {"baseline": load_for_bench(args.baseline, args.device, args.dtype), **models}
     result = bench_encoder(models, args.batch, args.repeats, args.warmup)
-    result["models"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
-    result["threads"] = threads
-    result.update(run_metadata(threads=threads, device=args.device, dtype=args.dtype))
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        print(json.dumps(result))
+    if finish_model_run(result, args, threads):
         return 0
     for key, ms in result["ms_per_pass"].items():
         speed = result.get("speedup", {}).get(key)
