@@ -1,13 +1,17 @@
 """Recovery fine-tuning: WER before / after fine-tuning and of the identically trained control.
 
-For each model and cell (converted modules, KV-cache reduction): convert (activation-aware, bundled
-calibration clips), fine-tune with the default recipe on the training set, and evaluate the converted
-model before and after fine-tuning and the control (the original trained identically) on each test set,
-with the paired bootstrap of model vs control. Cells with the same converted module paths share one
-control (same paths, data order, seed and teacher: the control would be bit-identical).
+For each model and cell (MLA: converted modules and KV-cache reduction; low-rank encoder: energy mode and
+preset), convert (activation-aware, bundled calibration clips), fine-tune on the training set, and
+evaluate the converted model before and after fine-tuning and the control (the original trained
+identically) on each test set, with the paired bootstrap of model vs control. Cells with the same
+converted module paths share one control (same paths, data order, seed and teacher: the control would
+be bit-identical). Low-rank cells train the low-rank factors (`--lowrank-finetune`, default scope
+"converted"): the decoder-scope default would leave the compressed encoder untouched.
 Results go to OUT/results.json after every cell (finished cells are skipped on a re-run) and OUT/results.md.
 
     python benchmarks/recovery.py --models tiny.en --out runs/recovery
+    python benchmarks/recovery.py --models tiny.en --reductions --cross-reduction -1 \
+        --lowrank squared-a linear-b --out runs/recovery-lowrank
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import slimwhisper as sw
 from slimwhisper.data import open_dataset
@@ -23,6 +28,8 @@ from slimwhisper.eval import evaluate, paired_bootstrap
 from slimwhisper.finetune import FinetuneConfig, RecoveryJob, recover
 from slimwhisper.finetune.data import SkipReport, hash_samples
 from slimwhisper.finetune.pipeline import _environment as environment
+from slimwhisper.finetune.train import converted_paths
+from slimwhisper.info import describe
 from slimwhisper.loading.processor import save_processor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,6 +45,8 @@ class BenchConfig:
         "realspeech-en": str(SHARED / "realspeech" / "manifest.jsonl"),
         "synth-en-test": str(SHARED / "synth-en-test" / "manifest.jsonl")})
     finetune: dict = field(default_factory=dict)  # FinetuneConfig overrides (default: the documented recipe)
+    lowrank: list[str] = field(default_factory=list)  # low-rank encoder cells, "ENERGY-PRESET", e.g. squared-a
+    lowrank_finetune: dict = field(default_factory=lambda: {"scope": "converted", "lr": 1e-4})
     batch_size: int = 8
     out: str = "runs/recovery"
 
@@ -77,21 +86,54 @@ def _check_disjoint(train: str, tests: dict) -> None:
             raise SystemExit(f"{name} shares {len(overlap)} clips with the training set, e.g. {overlap[:3]}")
 
 
-def run_cell(name: str, modules: tuple[str, ...], red: float, control_dir: Path | None, cfg: BenchConfig,
-             original_dir: Path) -> dict:
-    cell = out_root(cfg) / name / f"{'+'.join(modules)}-{red}"
+@dataclass(frozen=True)
+class Cell:
+    """One compression recipe to recover: an MLA conversion or a low-rank encoder preset."""
+
+    key: str
+    modules: tuple[str, ...]
+    kv_reduction: float = 0.0
+    lowrank: str | None = None  # "ENERGY-PRESET"
+
+    def build(self, model):
+        if self.lowrank is None:
+            return sw.convert(model, sw.MLAConfig(modules=self.modules, kv_reduction=self.kv_reduction),
+                              progress=False)
+        from slimwhisper.lowrank import LowRankConfig, convert_lowrank
+
+        energy, preset = self.lowrank.split("-")
+        return convert_lowrank(model, LowRankConfig(preset=preset, energy=energy), progress=False)
+
+
+def cells_of(cfg: BenchConfig) -> list[Cell]:
+    cells = [Cell(f"decoder_self-{r}", ("decoder_self",), r) for r in cfg.reductions]
+    if cfg.cross_reduction is not None:
+        cells.append(Cell(f"decoder_self+decoder_cross-{cfg.cross_reduction}", ("decoder_self", "decoder_cross"),
+                          cfg.cross_reduction))
+    cells += [Cell(f"encoder_lowrank-{v}", ("encoder_lowrank",), lowrank=v) for v in cfg.lowrank]
+    return cells
+
+
+def run_cell(name: str, cell_spec: Cell, control_dir: Path | None, cfg: BenchConfig) -> dict:
+    cell = out_root(cfg) / name / cell_spec.key
     converted = cell / "converted"
-    row: dict = {"modules": list(modules), "kv_reduction": red}
+    row: dict = {"modules": list(cell_spec.modules), "kv_reduction": cell_spec.kv_reduction,
+                 "lowrank": cell_spec.lowrank}
     if not (converted / "config.json").is_file():
         model, processor = sw.load(name)
         t0 = time.perf_counter()
-        slim = sw.convert(model, sw.MLAConfig(modules=modules, kv_reduction=red), progress=False)
+        slim = cell_spec.build(model)
         row["convert_seconds"] = round(time.perf_counter() - t0, 1)
         slim.save_pretrained(converted)
         save_processor(processor, converted)
+    overrides = cfg.finetune if cell_spec.lowrank is None else {**cfg.finetune, **cfg.lowrank_finetune}
+    row["finetune"] = overrides
+    row["converted_paths"] = list(_paths(converted))
+    if cell_spec.lowrank is not None:
+        row["encoder_params"] = _encoder_params(converted)
     t0 = time.perf_counter()
     record = recover(RecoveryJob(model=str(converted), train=cfg.train, out=str(cell / "ft"),
-                                 config=FinetuneConfig(**cfg.finetune), control=control_dir is None, progress=False))
+                                 config=FinetuneConfig(**overrides), control=control_dir is None, progress=False))
     row["finetune_seconds"] = {arm: round(r["wall_seconds"], 1) for arm, r in record["arms"].items()}
     row["finetune_call_seconds"] = round(time.perf_counter() - t0, 1)
     row["last_loss"] = {arm: r["last"] for arm, r in record["arms"].items()}
@@ -114,6 +156,15 @@ def run_cell(name: str, modules: tuple[str, ...], red: float, control_dir: Path 
     return row
 
 
+def _encoder_params(model_dir: Path) -> dict:
+    return describe(sw.load(model_dir)[0].config)["encoder_params"]
+
+
+def _paths(model_dir: Path) -> tuple[str, ...]:
+    """Converted module paths recorded in a saved model's config.json."""
+    return converted_paths(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
+
+
 def out_root(cfg: BenchConfig) -> Path:
     return Path(cfg.out)
 
@@ -133,17 +184,15 @@ def main(cfg: BenchConfig) -> dict:
             rows["original"] = {"wer": _eval(name, cfg.tests, out / name / "eval-original", cfg.batch_size),
                                 "eval_seconds": round(time.perf_counter() - t0, 1)}
             path.write_text(json.dumps(results, indent=2))
-        cells = [(("decoder_self",), r) for r in cfg.reductions]
-        if cfg.cross_reduction is not None:
-            cells.append((("decoder_self", "decoder_cross"), cfg.cross_reduction))
-        controls: dict[tuple, Path] = {}
-        for modules, red in cells:
-            key = f"{'+'.join(modules)}-{red}"
-            if key in rows and "delta" in rows[key]:
-                controls.setdefault(modules, Path(rows[key]["control_dir"]))
+        controls: dict[tuple, Path] = {}  # one control per (converted module paths, recipe)
+        for cell in cells_of(cfg):
+            if cell.key in rows and "delta" in rows[cell.key]:
+                controls.setdefault(_control_key(rows[cell.key]), Path(rows[cell.key]["control_dir"]))
                 continue
-            rows[key] = run_cell(name, modules, red, controls.get(modules), cfg, out / name / "original")
-            controls.setdefault(modules, Path(rows[key]["control_dir"]))
+            control = _find_control(cell, controls, cfg, name)
+            rows[cell.key] = run_cell(name, cell, control, cfg)
+            controls.setdefault(_control_key(rows[cell.key]), Path(rows[cell.key]["control_dir"]))
+            key = cell.key
             print(name, key, json.dumps(rows[key]["wer"]), flush=True)
             path.write_text(json.dumps(results, indent=2))
             (out / "results.md").write_text(markdown(results))
@@ -152,13 +201,27 @@ def main(cfg: BenchConfig) -> dict:
     return results
 
 
+def _control_key(row: dict) -> tuple:
+    return tuple(row.get("converted_paths", row["modules"])), json.dumps(row.get("finetune", {}), sort_keys=True)
+
+
+def _find_control(cell: Cell, controls: dict, cfg: BenchConfig, name: str) -> Path | None:
+    """A control already trained on the same module paths with the same recipe, if any."""
+    cell_dir = out_root(cfg) / name / cell.key / "converted"
+    if not (cell_dir / "config.json").is_file():
+        return None  # converted in run_cell; the control is trained there
+    paths = _paths(cell_dir)
+    overrides = cfg.finetune if cell.lowrank is None else {**cfg.finetune, **cfg.lowrank_finetune}
+    return controls.get((tuple(paths), json.dumps(overrides, sort_keys=True)))
+
+
 def _d(d: dict) -> str:
     return f"{100 * d['delta']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}] {d['mark']}"
 
 
 def markdown(results: dict) -> str:
     tests = list(results["config"]["tests"])
-    head = "| model | modules | KV red. | " + " | ".join(
+    head = "| model | modules | KV red. / preset | " + " | ".join(
         f"{t} WER % before / after / control | {t} Δ after−control (95% CI)" for t in tests)
     head += " | train s (model, control) |"
     lines = [head, "|" + "---|" * (3 + 2 * len(tests) + 1)]
@@ -175,7 +238,8 @@ def markdown(results: dict) -> str:
                 cells.append(f"{w['before']:.2f} / {w['after']:.2f} / {w['control']:.2f}")
                 cells.append(_d(r["delta"][t]["after_vs_control"]))
             secs = r.get("finetune_seconds", {})
-            lines.append(f"| {name} | {'+'.join(r['modules'])} | {r['kv_reduction']} | " + " | ".join(cells)
+            what = r.get("lowrank") or r["kv_reduction"]
+            lines.append(f"| {name} | {'+'.join(r['modules'])} | {what} | " + " | ".join(cells)
                          + f" | {secs.get('model', '')}, {secs.get('control', 'shared')} |")
     return "\n".join(lines) + "\n"
 
@@ -184,15 +248,19 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = BenchConfig()
     parser.add_argument("--models", nargs="+", default=d.models)
-    parser.add_argument("--reductions", nargs="+", type=float, default=d.reductions)
+    parser.add_argument("--reductions", nargs="*", type=float, default=d.reductions)
     parser.add_argument("--cross-reduction", type=float, default=d.cross_reduction, help="negative: no cross cell")
     parser.add_argument("--train", default=d.train)
     parser.add_argument("--finetune", default="{}", help='FinetuneConfig overrides as JSON, e.g. \'{"steps": 100}\'')
+    parser.add_argument("--lowrank", nargs="*", default=[], help="low-rank encoder cells, e.g. squared-a linear-b")
+    parser.add_argument("--lowrank-finetune", default=json.dumps(d.lowrank_finetune),
+                        help="FinetuneConfig overrides for low-rank cells (applied over --finetune)")
     parser.add_argument("--tests", nargs="+", default=list(d.tests), help=f"subset of {', '.join(d.tests)}")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--out", default=d.out)
     a = parser.parse_args()
     main(BenchConfig(models=a.models, reductions=a.reductions, train=a.train, finetune=json.loads(a.finetune),
+                     lowrank=a.lowrank, lowrank_finetune=json.loads(a.lowrank_finetune),
                      cross_reduction=None if a.cross_reduction is not None and a.cross_reduction < 0
                      else a.cross_reduction, batch_size=a.batch_size, out=a.out,
                      tests={t: d.tests[t] for t in a.tests}))

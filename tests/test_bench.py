@@ -9,10 +9,11 @@ import torch
 
 import slimwhisper as sw
 from slimwhisper.bench import common
-from slimwhisper.bench.decode import BufferLayer, bench_decode, prepare_decode
+from slimwhisper.bench.decode import bench_decode, prepare_decode
 from slimwhisper.bench.encoder import bench_encoder
 from slimwhisper.bench.kv import bench_kv, max_batch
 from slimwhisper.cli import main
+from slimwhisper.engine.cache import StaticLayer
 from slimwhisper.errors import SlimWhisperError
 from slimwhisper.memory import kv_cache_bytes
 
@@ -49,20 +50,24 @@ def test_static_cache_decode_equals_dynamic(tiny_model, slim, which):
     dynamic = prepare_decode(model, batch=3, cache_len=5, encoder_frames=30)
     static = prepare_decode(model, batch=3, cache_len=5, encoder_frames=30, cache="static", shared=dynamic)
     layer = static.cache.self_attention_cache.layers[0]
-    assert isinstance(layer, BufferLayer) and not layer.keys.is_contiguous()
+    assert isinstance(layer, StaticLayer) and layer.keys.shape[-2] == 6  # capacity: cache_len + the new token
     with torch.inference_mode():
         for _ in range(2):
             torch.testing.assert_close(static.step(), dynamic.step(), atol=1e-5, rtol=1e-5)
             assert static.cache.get_seq_length() == dynamic.cache.get_seq_length() == 5
 
 
-def test_static_cache_overflow_is_an_error():
-    layer = BufferLayer(capacity=3)
-    layer.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+def test_static_cache_overflow_is_an_error_and_crop_drops_positions():
+    layer = StaticLayer.holding(torch.zeros(1, 1, 3, 2), torch.ones(1, 1, 3, 2), max_len=3)
     with pytest.raises(SlimWhisperError, match="capacity"):
         layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     layer.crop(-1)
     assert layer.get_seq_length() == 2
+    keys, values = layer.update(torch.full((1, 1, 1, 2), 5.0), torch.full((1, 1, 1, 2), 7.0))
+    assert keys.data_ptr() == layer.keys.data_ptr()  # a view of the buffer, not a copy
+    assert keys[0, 0, :, 0].tolist() == [0.0, 0.0, 5.0] and values[0, 0, :, 0].tolist() == [1.0, 1.0, 7.0]
+    layer.crop(-2)
+    assert layer.get_seq_length() == 1
 
 
 def test_prepare_decode_rejects_too_long_caches(tiny_model):
@@ -173,3 +178,11 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
     assert wer["slimwhisper_fp32"] == wer["hf_generate"]
     assert printed["details"]["slimwhisper"]["engine"]["quantize"] == "int8"
     assert printed["audio_seconds"] == pytest.approx(3 * 0.6, rel=1e-3)
+    # decoder-only per-token figures: the fp32 engine and generate decode the same tokens from the same encoder
+    # outputs, so their token counts agree exactly (a miscount of generate's output would show here)
+    assert set(printed["per_token"]) == {"batch_2", "batch_1"}
+    for figures in printed["per_token"].values():
+        assert set(figures["ms_per_token"]) == {"slimwhisper", "slimwhisper_fp32", "hf_generate"}
+        assert all(v > 0 for v in figures["ms_per_token"].values())
+        assert figures["tokens"]["slimwhisper_fp32"] == figures["tokens"]["hf_generate"] > 0
+        assert figures["speedup_vs_hf_generate"]["slimwhisper"] > 0

@@ -12,8 +12,8 @@ Method: the cache is prefilled once per model (batch 1, then repeated to the bat
 are timed); after every timed step the cache is cropped back to `cache_len`. Models are timed in
 turns (A B A B ...) after a warm-up and the medians compared, so machine noise hits all of them.
 Cache kinds: "dynamic" is Hugging Face's `DynamicCache` (concatenates the whole cache every step,
-as `generate` does); "static" writes into preallocated buffers and hands attention length-sliced
-views (what a static-cache engine does).
+as `generate` does); "static" is the transcription engine's own `engine.cache.StaticLayer`: writes
+into preallocated buffers and hands attention length-sliced views.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
+from ..engine.cache import StaticLayer
 from ..errors import SlimWhisperError
 from ..memory import cache_bytes_held, kv_cache_bytes
 from ..mla.modules import WhisperMLAAttention, set_decode_mode
@@ -39,74 +40,10 @@ DEFINITION = (
 )
 
 
-class BufferLayer(DynamicLayer):
-    """A cache layer over preallocated buffers: `update` writes in place and returns length-sliced views.
-
-    The views are non-contiguous along the batch/head dims (their strides are those of the full
-    buffer), which is exactly what attention code behind a static cache must accept.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self._keys = key_states.new_zeros(*key_states.shape[:-2], self.capacity, key_states.shape[-1])
-        self._values = value_states.new_zeros(*value_states.shape[:-2], self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-        self._set_length(0)
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys, self.values = self._keys[..., :length, :], self._values[..., :length, :]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise SlimWhisperError(f"static cache full: {end} tokens > capacity {self.capacity}")
-        self._keys[..., self.length : end, :] = key_states
-        self._values[..., self.length : end, :] = value_states
-        self._set_length(end)
-        return self.keys, self.values
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        if self.is_initialized:
-            self._set_length(max(0, self.length + tokens_to_remove))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._keys = self._keys.repeat_interleave(repeats, dim=0)
-            self._values = self._values.repeat_interleave(repeats, dim=0)
-            self._set_length(self.length)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._keys = self._keys.index_select(0, beam_idx.to(self._keys.device))
-            self._values = self._values.index_select(0, beam_idx.to(self._values.device))
-            self._set_length(self.length)
-
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> BufferLayer:
-        """A buffer layer of `capacity` tokens that already holds `keys`/`values`."""
-        layer = cls(capacity)
-        layer.update(keys, values)
-        return layer
-
-
 def to_static(cache: EncoderDecoderCache, capacity: int) -> EncoderDecoderCache:
-    """A copy of `cache` whose self-attention layers are preallocated buffers (the cross cache is shared)."""
-    static = DynamicCache()
-    layers = cache.self_attention_cache.layers
-    static.layers = [BufferLayer.holding(layer.keys, layer.values, capacity) for layer in layers]
-    return EncoderDecoderCache(static, cache.cross_attention_cache)
+    """A copy of `cache` whose self-attention layers are the engine's preallocated buffers (cross cache shared)."""
+    layers = [StaticLayer.holding(layer.keys, layer.values, capacity) for layer in cache.self_attention_cache.layers]
+    return EncoderDecoderCache(Cache(layers=layers), cache.cross_attention_cache)
 
 
 def is_mla(model: nn.Module) -> bool:
@@ -130,7 +67,7 @@ class DecodeStepper:
             past_key_values=self.cache,
             use_cache=True,
         ).logits
-        self.cache.crop(self.cache_len - self.cache.get_seq_length())
+        self.cache.self_attention_cache.crop(self.cache_len - self.cache.get_seq_length())
         return logits
 
 

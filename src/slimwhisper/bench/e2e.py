@@ -10,6 +10,11 @@ Systems: "slimwhisper" is the engine as fast as it is offered on the device (int
 like for like with "faster_whisper_int8"); "slimwhisper_fp32" the engine in the model's own precision,
 which gives the same tokens as "hf_generate" (transformers `generate`, same precision).
 Systems run one after another (not interleaved): on a shared machine compare within one run only.
+
+`per_token` isolates the decoder: every 30-s window is encoded once (model precision), then each torch
+system decodes the same encoder outputs in the same batches, greedy, without timestamps or fallback,
+in interleaved rounds; ms_per_token = decode wall time / tokens generated (EOT included). This is where
+`generate`'s per-step overhead shows, which end-to-end figures dilute with feature extraction and the encoder.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N utterances")
     p.add_argument("--threads", type=int, help="intra-op threads for every system (default torch's)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
+    p.add_argument("--per-token-windows", type=int, default=16,
+                   help="windows decoded one at a time for the batch-1 per-token figure (default 16)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", help="also write the result JSON here")
     return p
@@ -118,6 +126,93 @@ def _generate(model, processor, audios, language, batch) -> tuple[list[str], flo
     return texts, time.perf_counter() - t0
 
 
+def _first_eot_lengths(seqs, start: int, eot: int) -> list[int]:
+    """Tokens each row generated after the prompt, counting its EOT (which `generate` may strip from the longest)."""
+    return [row.index(eot) + 1 if eot in row else len(row) + 1 for row in seqs[:, start:].tolist()]
+
+
+def _prompt_length(seqs, prompt: list[int]) -> int:
+    """How many leading positions of `generate`'s output are the decoder prompt (0 if it is left out)."""
+    head = seqs[0, : len(prompt)].tolist()
+    return len(prompt) if head == prompt else 0
+
+
+def per_token(model, processor, audios, language: str | None, batch: int, systems, rounds: int = 2,
+              max_windows: int | None = None) -> dict:
+    """Decoder-only ms per generated token of the engine (fp32, int8) and `generate` on shared encoder outputs.
+
+    Uses the first `max_windows` 30-s windows (all by default) in batches of `batch`.
+    """
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from ..engine import Transcriber
+    from ..engine.decode import greedy_decode
+    from ..engine.transcriber import split_windows
+    from ..transcribe import generation_kwargs
+
+    engine = Transcriber(model, processor, batch_size=batch)
+    windows = [w.audio for i, a in enumerate(audios) for w in split_windows(a, i)][:max_windows]
+    with torch.inference_mode():
+        encoded = [engine.runner.encode(engine._features(windows[i : i + batch]))
+                   for i in range(0, len(windows), batch)]
+    lang_id = engine._language_id(language) if (language and engine.multilingual) else None
+    prompt = engine._sot_sequence(lang_id, "transcribe", False)
+    runners = {}
+    if "slimwhisper_fp32" in systems:
+        runners["slimwhisper_fp32"] = engine.runner
+    if "slimwhisper" in systems and engine.device.type == "cpu":
+        runners["slimwhisper"] = Transcriber(model, processor, batch_size=batch, quantize="int8").runner
+    gen_kwargs = {**generation_kwargs(model, language, 1), "max_length": model.config.max_target_positions}
+
+    def engine_pass(runner) -> int:
+        tokens = 0
+        for enc in encoded:
+            rows = torch.tensor([prompt] * enc.shape[0], dtype=torch.long, device=enc.device)
+            tokens += sum(len(r.tokens) + 1 for r in greedy_decode(runner, enc, rows, engine.ids))
+        return tokens
+
+    @torch.inference_mode()
+    def generate_pass() -> int:
+        tokens = 0
+        for enc in encoded:
+            seqs = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), **gen_kwargs)
+            seqs = seqs if torch.is_tensor(seqs) else seqs["sequences"]
+            tokens += sum(_first_eot_lengths(seqs, _prompt_length(seqs, prompt), engine.ids.eot))
+        return tokens
+
+    passes = {name: (lambda r=r: engine_pass(r)) for name, r in runners.items()}
+    if "hf_generate" in systems:
+        passes["hf_generate"] = generate_pass
+    for fn in passes.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    tokens: dict[str, int] = {}
+    for r in range(rounds):
+        order = list(passes) if r % 2 == 0 else list(reversed(passes))  # ABBA: drift hits every system alike
+        for name in order:
+            t0 = time.perf_counter()
+            tokens[name] = passes[name]()
+            times[name].append(time.perf_counter() - t0)
+    ms = {name: 1000 * min(ts) / tokens[name] for name, ts in times.items()}
+    result = {"ms_per_token": ms, "tokens": tokens, "windows": len(windows), "batch": batch, "rounds": rounds,
+              "decode_s": {name: min(ts) for name, ts in times.items()}}
+    if "hf_generate" in ms:
+        result["speedup_vs_hf_generate"] = {n: ms["hf_generate"] / v for n, v in ms.items() if n != "hf_generate"}
+    return result
+
+
+def _per_token_runs(model, processor, audios, language, args, systems) -> dict | None:
+    """Decoder-only per-token figures at the run's batch (all windows) and, sequential-style, at batch 1."""
+    if not systems or args.no_per_token:
+        return None
+    out = {f"batch_{args.batch}": per_token(model, processor, audios, language, args.batch, systems)}
+    if args.batch != 1:
+        out["batch_1"] = per_token(model, processor, audios, language, 1, systems,
+                                   max_windows=args.per_token_windows)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from ..audio import SAMPLE_RATE, load_audio
     from ..data import open_dataset
@@ -161,9 +256,11 @@ def run(args: argparse.Namespace) -> int:
         extra[system] = {"wall_s": wall, "output_tokens": n_tokens, "ms_per_output_token": 1000 * wall / n_tokens}
         if stats:
             extra[system]["engine"] = stats
+    torch_systems = [s for s in args.systems if s.startswith("slimwhisper") or s == "hf_generate"]
     result = {
         "rtf": rtf,
         "wer": wer,
+        "per_token": _per_token_runs(model, processor, audios, language, args, torch_systems),
         "details": extra,
         "audio_seconds": seconds,
         "utterances": len(samples),
@@ -176,4 +273,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for system in rtf:
             print(f"{system:22s} rtf {rtf[system]}  wer {wer[system]}")
+        for run_name, figures in (result["per_token"] or {}).items():
+            for system, ms in figures["ms_per_token"].items():
+                print(f"{system:22s} decoder-only {run_name}: {ms:.2f} ms per token")
     return 0

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
 
+from ..errors import SlimWhisperError
 from ..mla.modules import WhisperMLAAttention
 
 SlotShape = tuple[tuple[int, int], tuple[int, int]]  # ((key heads, key dim), (value heads, value dim))
@@ -46,6 +47,14 @@ class StaticLayer(CacheLayerMixin):
         self.is_initialized = True
         self.dtype, self.device = dtype, torch.device(device)
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, max_len: int) -> StaticLayer:
+        """A layer of `max_len` positions that already holds `keys`/`values` [B, H, T, d] (e.g. a prefill's)."""
+        slots = ((keys.shape[1], keys.shape[3]), (values.shape[1], values.shape[3]))
+        layer = cls(keys.shape[0], slots, max_len, keys.dtype, keys.device)
+        layer.update(keys, values)
+        return layer
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Buffers are allocated eagerly in `__init__`; nothing to do."""
 
@@ -53,7 +62,9 @@ class StaticLayer(CacheLayerMixin):
         """Write the new positions in place; return views [B, H, length, d] of everything cached."""
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self.max_len:
-            raise ValueError(f"static cache holds {self.max_len} positions, asked to write up to {end}")
+            raise SlimWhisperError(
+                f"static cache holds {self.max_len} positions (its capacity), asked to write up to {end}"
+            )
         self.keys[:, :, start:end].copy_(key_states)
         self.values[:, :, start:end].copy_(value_states)
         self.length = end
@@ -71,6 +82,12 @@ class StaticLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forget the cached positions (the buffers are overwritten by the next writes)."""
         self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` positions (a negative count, as `DynamicLayer.crop`)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder batch rows in place (beam search): row i takes the old row beam_idx[i]."""
