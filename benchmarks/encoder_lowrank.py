@@ -109,8 +109,36 @@ def main(a: argparse.Namespace) -> dict:
             print(name, key, json.dumps(row), flush=True)
         results_file.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
+    plot(results, out / "encoder_latency_vs_size.png")
     print(markdown(results))
     return results
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Encoder latency ratio against encoder parameter ratio, one marker per variant, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, rows in results["models"].items():
+        pts = [(r.get("encoder_param_ratio", 1.0), r.get("latency_ratio", 1.0), key) for key, r in rows.items()]
+        line = ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=name)
+        colour = line.get_facecolor()[0]
+        for x, y, key in pts:
+            ax.annotate(key, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3), color=colour)
+    ax.plot([0.5, 1.0], [0.5, 1.0], ls=":", color="grey", label="latency = size")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("encoder parameters (ratio to original)")
+    ax.set_ylabel("encoder latency, 30-s input (ratio to original, same run)")
+    threads = results.get("settings", {}).get("threads")
+    ax.set_title(f"Low-rank encoder: latency vs size ({threads} threads)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def markdown(results: dict) -> str:
@@ -143,4 +171,11 @@ if __name__ == "__main__":
     p.add_argument("--wer-original", action="store_true", help="also evaluate the original")
     p.add_argument("--save", action="store_true", help="save every variant under OUT/MODEL/VARIANT/model")
     p.add_argument("--out", default="runs/encoder_lowrank")
-    main(p.parse_args())
+    p.add_argument("--render", help="only rebuild results.md and the plot from this results.json")
+    args = p.parse_args()
+    if args.render:
+        rendered = json.loads(Path(args.render).read_text())
+        Path(args.render).with_name("results.md").write_text(markdown(rendered))
+        print(plot(rendered, Path(args.render).with_name("encoder_latency_vs_size.png")))
+    else:
+        main(args)

@@ -11,6 +11,7 @@ from slimwhisper.lowrank.math import (
     choose_attention_path,
     energy_rank,
     fixed_rank,
+    keep_fused_kernel,
     pca_basis,
     pca_factors,
     reduced_scores_operands,
@@ -127,3 +128,12 @@ def test_config_validation_presets_and_roundtrip():
         LowRankConfig(version=99)
     with pytest.raises(ConfigVersionError):
         LowRankConfig.from_dict({"nope": 1})
+
+
+def test_auto_attention_plan_keeps_one_head_dim_for_the_fused_kernel():
+    """Reduced scores of rank 48 with full 64-dim values would force SDPA's unfused path: dropped."""
+    assert keep_fused_kernel((True, False), 64, 128, 48, None) == (False, False)
+    assert keep_fused_kernel((True, True), 64, 16, 16, 16) == (True, True)  # all 16: fused
+    assert keep_fused_kernel((True, True), 64, 32, 16, 24) == (False, False)
+    assert keep_fused_kernel((False, True), 64, None, None, 64) == (False, True)
+    assert keep_fused_kernel((True, True), 64, 16, 40, 17) == (True, True)  # query space: 16 + 1 bias dim

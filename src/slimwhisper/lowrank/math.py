@@ -111,6 +111,24 @@ def choose_attention_path(
     return scores, values
 
 
+def keep_fused_kernel(
+    plan: tuple[bool, bool], head_dim: int, k_q: int | None, k_k: int | None, k_v: int | None
+) -> tuple[bool, bool]:
+    """The largest part of `plan` (reduce scores, reduce values) whose q, k and v share one head dim.
+
+    Fused attention kernels (PyTorch's flash kernel on CPU) need one head dim for q, k and v; with
+    mixed dims SDPA falls back to materialising the [L, L] scores, which on 1500 frames costs more
+    than the rank space saves (base, squared preset c: one such layer took ~600 ms against ~200 ms).
+    """
+
+    def same_dims(scores: bool, values: bool) -> bool:
+        qk_dim = (k_k if k_k <= k_q else k_q + 1) if scores else head_dim  # see `reduced_scores_operands`
+        return qk_dim == (k_v if values else head_dim)
+
+    candidates = (plan, (plan[0], False), (False, plan[1]), (False, False))
+    return next(c for c in candidates if same_dims(*c))
+
+
 def reduced_scores_operands(
     q_low: torch.Tensor,
     k_low: torch.Tensor,

@@ -3,8 +3,9 @@
 `LowRankLinear` is two `nn.Linear`s, `down` [rank, in] without bias and `up` [out, rank] with the
 PCA-corrected bias. `WhisperLowRankAttention` is a `WhisperAttention` whose projections may be
 low-rank; for encoder self-attention without mask, cache or recorded weights it computes scores and
-values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs, and otherwise
-runs the ordinary HF attention path (any attention backend).
+values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and keeps q, k and v
+at one head dim (so the fused SDPA kernel still applies), and otherwise runs the ordinary HF
+attention path (any attention backend).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
-from .math import choose_attention_path, reduced_scores_operands
+from .math import choose_attention_path, keep_fused_kernel, reduced_scores_operands
 
 ATTENTION_PATHS = ("auto", "reduced", "standard")
 
@@ -43,8 +44,8 @@ def _rank(module: nn.Module) -> int | None:
 class WhisperLowRankAttention(WhisperAttention):
     """Whisper attention whose q/k/v/out projections may be `LowRankLinear`; see the module docstring.
 
-    `attention_path`: "auto" (by FLOP count, the default), "reduced" (always when the projections
-    allow it) or "standard" (always the two-linear path through HF attention).
+    `attention_path`: "auto" (by FLOP count, keeping the fused kernel; the default), "reduced" (always
+    when the projections allow it) or "standard" (always the two-linear path through HF attention).
     """
 
     attention_path: str = "auto"
@@ -74,7 +75,8 @@ class WhisperLowRankAttention(WhisperAttention):
             return False, False
         if self.attention_path == "reduced":
             return ranks[0] is not None and ranks[1] is not None, ranks[2] is not None
-        return choose_attention_path(length, self.num_heads, self.head_dim, *ranks)
+        plan = choose_attention_path(length, self.num_heads, self.head_dim, *ranks)
+        return keep_fused_kernel(plan, self.head_dim, *ranks)
 
     def forward(
         self,
