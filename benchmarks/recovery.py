@@ -114,7 +114,8 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
     return cells
 
 
-def run_cell(name: str, cell_spec: Cell, control_dir: Path | None, cfg: BenchConfig) -> dict:
+def run_cell(name: str, cell_spec: Cell, controls: dict, cfg: BenchConfig) -> dict:
+    """Convert (once), fine-tune (reusing a control trained on the same module paths and recipe), evaluate."""
     cell = out_root(cfg) / name / cell_spec.key
     converted = cell / "converted"
     row: dict = {"modules": list(cell_spec.modules), "kv_reduction": cell_spec.kv_reduction,
@@ -131,6 +132,7 @@ def run_cell(name: str, cell_spec: Cell, control_dir: Path | None, cfg: BenchCon
     row["converted_paths"] = list(_paths(converted))
     if cell_spec.lowrank is not None:
         row["encoder_params"] = _encoder_params(converted)
+    control_dir = controls.get(_control_key(row))
     t0 = time.perf_counter()
     record = recover(RecoveryJob(model=str(converted), train=cfg.train, out=str(cell / "ft"),
                                  config=FinetuneConfig(**overrides), control=control_dir is None, progress=False))
@@ -189,8 +191,7 @@ def main(cfg: BenchConfig) -> dict:
             if cell.key in rows and "delta" in rows[cell.key]:
                 controls.setdefault(_control_key(rows[cell.key]), Path(rows[cell.key]["control_dir"]))
                 continue
-            control = _find_control(cell, controls, cfg, name)
-            rows[cell.key] = run_cell(name, cell, control, cfg)
+            rows[cell.key] = run_cell(name, cell, controls, cfg)
             controls.setdefault(_control_key(rows[cell.key]), Path(rows[cell.key]["control_dir"]))
             key = cell.key
             print(name, key, json.dumps(rows[key]["wer"]), flush=True)
@@ -203,16 +204,6 @@ def main(cfg: BenchConfig) -> dict:
 
 def _control_key(row: dict) -> tuple:
     return tuple(row.get("converted_paths", row["modules"])), json.dumps(row.get("finetune", {}), sort_keys=True)
-
-
-def _find_control(cell: Cell, controls: dict, cfg: BenchConfig, name: str) -> Path | None:
-    """A control already trained on the same module paths with the same recipe, if any."""
-    cell_dir = out_root(cfg) / name / cell.key / "converted"
-    if not (cell_dir / "config.json").is_file():
-        return None  # converted in run_cell; the control is trained there
-    paths = _paths(cell_dir)
-    overrides = cfg.finetune if cell.lowrank is None else {**cfg.finetune, **cfg.lowrank_finetune}
-    return controls.get((tuple(paths), json.dumps(overrides, sort_keys=True)))
 
 
 def _d(d: dict) -> str:
