@@ -13,7 +13,8 @@ Systems run one after another (not interleaved): on a shared machine compare wit
 
 `per_token` isolates the decoder: every 30-s window is encoded once (model precision), then each torch
 system decodes the same encoder outputs in the same batches, greedy, without timestamps or fallback,
-in interleaved rounds; ms_per_token = decode wall time / tokens generated (EOT included). This is where
+in interleaved rounds (A B B A); ms_per_token = the fastest round's decode wall time / tokens generated
+(EOT included), at the run's batch over all windows and at batch 1 over the first 16. This is where
 `generate`'s per-step overhead shows, which end-to-end figures dilute with feature extraction and the encoder.
 """
 from __future__ import annotations
@@ -165,34 +166,34 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
         runners["slimwhisper"] = Transcriber(model, processor, batch_size=batch, quantize="int8").runner
     gen_kwargs = {**generation_kwargs(model, language, 1), "max_length": model.config.max_target_positions}
 
-    def engine_pass(runner) -> int:
+    def engine_pass(runner, batches) -> int:
         tokens = 0
-        for enc in encoded:
+        for enc in batches:
             rows = torch.tensor([prompt] * enc.shape[0], dtype=torch.long, device=enc.device)
             tokens += sum(len(r.tokens) + 1 for r in greedy_decode(runner, enc, rows, engine.ids))
         return tokens
 
     @torch.inference_mode()
-    def generate_pass() -> int:
+    def generate_pass(batches) -> int:
         tokens = 0
-        for enc in encoded:
+        for enc in batches:
             seqs = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), **gen_kwargs)
             seqs = seqs if torch.is_tensor(seqs) else seqs["sequences"]
             tokens += sum(_first_eot_lengths(seqs, _prompt_length(seqs, prompt), engine.ids.eot))
         return tokens
 
-    passes = {name: (lambda r=r: engine_pass(r)) for name, r in runners.items()}
+    passes = {name: (lambda batches, r=r: engine_pass(r, batches)) for name, r in runners.items()}
     if "hf_generate" in systems:
         passes["hf_generate"] = generate_pass
-    for fn in passes.values():  # warm-up
-        fn()
+    for fn in passes.values():  # warm-up on the first batch
+        fn(encoded[:1])
     times: dict[str, list[float]] = {name: [] for name in passes}
     tokens: dict[str, int] = {}
     for r in range(rounds):
         order = list(passes) if r % 2 == 0 else list(reversed(passes))  # ABBA: drift hits every system alike
         for name in order:
             t0 = time.perf_counter()
-            tokens[name] = passes[name]()
+            tokens[name] = passes[name](encoded)
             times[name].append(time.perf_counter() - t0)
     ms = {name: 1000 * min(ts) / tokens[name] for name, ts in times.items()}
     result = {"ms_per_token": ms, "tokens": tokens, "windows": len(windows), "batch": batch, "rounds": rounds,
