@@ -111,7 +111,8 @@ def test_flop_chooser():
 
 
 def test_config_validation_presets_and_roundtrip():
-    assert LowRankConfig().preset == "b"
+    default = LowRankConfig()
+    assert (default.preset, default.energy, default.theta_attn, default.theta_mlp) == ("a", "squared", 0.999, 0.999)
     sq = LowRankConfig(preset="b", energy="squared")
     assert (sq.theta_attn, sq.theta_mlp) == (0.99, 0.999)
     assert LowRankConfig(theta_attn=0.9).theta_mlp == 0.9

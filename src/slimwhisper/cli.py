@@ -87,8 +87,8 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
         kwargs["theta_attn"], kwargs["theta_mlp"] = parse_theta(args.theta)
     elif args.rank is not None:
         kwargs["rank"] = args.rank
-    else:
-        kwargs["preset"] = args.preset or "b"
+    elif args.preset is not None:
+        kwargs["preset"] = args.preset  # none given: LowRankConfig's default preset
     if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
         raise SlimWhisperError("give only one of --preset, --theta, --rank")
     config = LowRankConfig(**kwargs)
@@ -212,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
     p.add_argument("model", help="tiny.en, base, a (converted) model directory or a hub id")
-    p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality, b: balanced (default), c: efficiency")
+    p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality (default), b: balanced, c: efficiency")
     p.add_argument("--theta", help="energy thresholds ATTN:MLP, e.g. 0.99:0.999 (one value: both)")
     p.add_argument("--rank", type=int, help="one fixed rank for every encoder linear")
-    p.add_argument("--energy", default="linear", choices=["linear", "squared"],
-                   help="rank energy: singular values (linear, default) or their squares (the paper)")
+    p.add_argument("--energy", default="squared", choices=["linear", "squared"],
+                   help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")
     p.add_argument("--targets", nargs="+", help="linears of each encoder layer (default: self_attn.q_proj "
                    "self_attn.k_proj self_attn.v_proj self_attn.out_proj fc1 fc2)")

@@ -23,6 +23,7 @@ ENERGIES = ("linear", "squared")
 # Squared energy: the LiteASR paper/code values (0.999 everywhere; the code default 0.99:0.999; a lower
 # MLP threshold). Linear (unsquared singular value) energy keeps more components at the same theta, so
 # its presets were chosen to give the same encoder size as the squared ones on tiny.en (see README).
+DEFAULT_PRESET = "a"
 PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     "squared": {"a": (0.999, 0.999), "b": (0.99, 0.999), "c": (0.99, 0.995)},
     "linear": {"a": (0.93, 0.95), "b": (0.9, 0.93), "c": (0.85, 0.9)},
@@ -40,11 +41,12 @@ class LowRankConfig(Recipe):
     Args:
         theta_attn: energy threshold for q/k/v/out_proj (1.0 = all components, exact).
         theta_mlp: energy threshold for fc1/fc2.
-        preset: "a" (quality), "b" (balanced) or "c" (efficiency); sets both thetas for `energy`.
+        preset: "a" (quality; the default: the only preset usable on tiny/base without recovery
+            training), "b" (balanced) or "c" (efficiency); sets both thetas for `energy`.
         rank: a fixed rank for every target instead of thresholds (rounded to nothing; dense rule applies).
-        energy: "linear" (default: sum of singular values; on tiny.en it degrades gracefully where
-            squared energy at the same size collapsed) or "squared" (sum of squared singular values =
-            explained variance, the LiteASR paper; better at the quality preset "a").
+        energy: "squared" (default: sum of squared singular values = explained variance, the LiteASR
+            paper; better than "linear" at preset "a" on tiny.en and base and at "b" on base) or
+            "linear" (sum of singular values; better only at "b" on tiny.en, where squared collapsed).
         granule: ranks are multiples of this (16; 8 suits tiny models).
         targets: which linears of every encoder layer to consider (names relative to the layer).
         dense_if_no_saving: keep a layer dense when the factorisation is not smaller (always on in
@@ -56,7 +58,7 @@ class LowRankConfig(Recipe):
     theta_mlp: float | None = None
     preset: str | None = None
     rank: int | None = None
-    energy: str = "linear"
+    energy: str = "squared"
     granule: int = 16
     targets: tuple[str, ...] = TARGETS
     dense_if_no_saving: bool = True
@@ -86,7 +88,7 @@ class LowRankConfig(Recipe):
         if len(given) > 1:
             raise SlimWhisperError(f"give only one of theta, preset, rank (got {', '.join(given)})")
         if not given:
-            object.__setattr__(self, "preset", "b")
+            object.__setattr__(self, "preset", DEFAULT_PRESET)
         if self.preset is not None:
             if self.preset not in PRESETS[self.energy]:
                 raise SlimWhisperError(f"unknown preset {self.preset!r}; choose a, b or c")
