@@ -206,3 +206,24 @@ def test_real_tiny_en_cli_compress_info_and_reload(capsys, tmp_path):
                  "--out", str(out2), "--quiet"]) == 0
     again = json.loads((out2 / "config.json").read_text())["compression"]["lowrank"]["layers"]
     assert again == info["lowrank"]["ranks"]
+
+
+def test_lite_whisper_directory_loads_and_describes(tmp_path, capsys):
+    """`slimwhisper.load` and `slimwhisper info` read a lite-whisper directory (its model_type is not an HF one)."""
+    from test_finetune import tiny_pair
+
+    from slimwhisper.cli import main
+    from slimwhisper.loading.processor import save_processor
+
+    model, processor = tiny_pair(False)
+    audio = [np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1]
+    slim = sw.convert(model, LowRankConfig(rank=8, granule=8), calibration=audio, progress=False)
+    save_lite_whisper(slim, tmp_path / "lite")
+    save_processor(processor, tmp_path / "lite")
+    loaded, _ = sw.load(tmp_path / "lite")
+    assert loaded.config.compression["lowrank"]["layers"] == slim.config.compression["lowrank"]["layers"]
+    features = torch.randn(1, 80, 3000)
+    torch.testing.assert_close(loaded.generate(features, max_new_tokens=4), slim.generate(features, max_new_tokens=4))
+    assert main(["info", str(tmp_path / "lite"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lowrank"]["ranks"] == slim.config.compression["lowrank"]["layers"]

@@ -119,9 +119,10 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
+    from .loading.api import is_lite_whisper
 
     path = Path(args.model)
-    if (path / "config.json").is_file() and not (path / "model.bin").is_file():
+    if (path / "config.json").is_file() and not (path / "model.bin").is_file() and not is_lite_whisper(path):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)

@@ -8,6 +8,7 @@ network access).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -98,6 +99,27 @@ def _from_hf(source: str | Path, dtype: torch.dtype | None) -> tuple[Model, Proc
     return model.eval(), processor
 
 
+def is_lite_whisper(directory: Path) -> bool:
+    """Whether `directory` holds a LiteASR `lite-whisper` checkpoint (its config lists `low_rank_config`)."""
+    try:
+        return "low_rank_config" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _from_lite_whisper(directory: Path, dtype: torch.dtype | None) -> tuple[Model, Processor]:
+    """A lite-whisper directory as a slimwhisper model (its ranks in `config.compression`) and its processor."""
+    import torch
+    from transformers import WhisperProcessor
+
+    from ..lowrank.litewhisper import load_lite_whisper
+
+    model = load_lite_whisper(directory).to(dtype or torch.float32)
+    processor = WhisperProcessor.from_pretrained(directory)
+    complete_generation_config(model, processor.tokenizer)
+    return model.eval(), processor
+
+
 def _load_hf_dir(directory: Path, dtype: torch.dtype | None, root: Path) -> Loaded:
     weights = _weight_files(directory)
     if not weights:
@@ -105,7 +127,7 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype | None, root: Path) -> Load
             f"{directory} has a config.json but no *.safetensors or pytorch_model*.bin weights"
         )
     try:
-        model, processor = _from_hf(directory, dtype)
+        model, processor = (_from_lite_whisper if is_lite_whisper(directory) else _from_hf)(directory, dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise SlimWhisperError(
             f"cannot load the Hugging Face model in {directory}: {exc}. It needs config.json, the "
