@@ -69,3 +69,44 @@ def features() -> torch.Tensor:
     """Two random log-mel inputs [2, 80, 3000]."""
     torch.manual_seed(1)
     return torch.randn(2, 80, 3000) * 0.5
+
+
+def byte_whisper_pair(
+    config_kwargs: dict,
+    langs: tuple[str, ...],
+    multilingual: bool,
+    *,
+    seed: int = 0,
+    timestamps: bool = False,
+    **generation_kwargs,
+):
+    """A random Whisper of `config_kwargs` size with a byte-level tokenizer in Whisper's special-token layout.
+
+    Returns (model, processor, ids): ids maps each control token to its id; the generation config
+    carries the language and task maps when `multilingual`.
+    """
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = WhisperTokenizer(vocab={ch: i for i, ch in enumerate(bytes_to_unicode().values())}, merges=[])
+    control = ["<|endoftext|>", "<|startoftranscript|>", *([f"<|{x}|>" for x in langs] if multilingual else []),
+               "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+               "<|notimestamps|>"]
+    tok.add_tokens(control, special_tokens=True)
+    if timestamps:
+        tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in control}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, pad_token_id=eot, bos_token_id=eot,
+                           eos_token_id=eot, decoder_start_token_id=sot, **config_kwargs)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    gc = GenerationConfig(decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+                          no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+                          is_multilingual=multilingual, suppress_tokens=[], begin_suppress_tokens=[eot],
+                          **generation_kwargs)
+    if multilingual:
+        gc.lang_to_id = {f"<|{x}|>": ids[f"<|{x}|>"] for x in langs}
+        gc.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    model.generation_config = gc
+    return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok), ids

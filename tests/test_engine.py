@@ -173,14 +173,19 @@ REALSPEECH = SHARED_DATA / "realspeech" / "manifest.jsonl"
 needs_realspeech = pytest.mark.skipif(not REALSPEECH.is_file(), reason=f"{REALSPEECH} not found")
 
 
-@pytest.mark.real
-@needs_realspeech
-def test_token_parity_with_generate_on_tiny_en():
+def realspeech_audio(pick) -> list:
+    """16 kHz arrays of the realspeech manifest rows that `pick(rows)` chooses, in its order."""
     from slimwhisper.audio import load_audio
 
     rows = [json.loads(line) for line in REALSPEECH.open()]
-    en = [r for r in rows if r["lang"] == "en"][:3]
-    audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in en]
+    return [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in pick(rows)]
+
+
+@pytest.mark.real
+@needs_realspeech
+def test_token_parity_with_generate_on_tiny_en():
+
+    audios = realspeech_audio(lambda rows: [r for r in rows if r["lang"] == "en"][:3])
     model, processor = sw.load("tiny.en")
     engine = Transcriber(model, processor, batch_size=3)
     feats = engine._features(audios)
@@ -289,12 +294,9 @@ def test_cli_beams_reach_the_engine(monkeypatch, tmp_path, capsys):
 @pytest.mark.real
 @needs_realspeech
 def test_beam_parity_with_generate_on_tiny_en():
-    from slimwhisper.audio import load_audio
     from slimwhisper.transcribe import generation_kwargs
 
-    rows = [json.loads(line) for line in REALSPEECH.open()]
-    en = [r for r in rows if r["lang"] == "en"][:3]
-    audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in en]
+    audios = realspeech_audio(lambda rows: [r for r in rows if r["lang"] == "en"][:3])
     model, processor = sw.load("tiny.en")
     engine = Transcriber(model, processor, batch_size=3, beam_size=3)
     feats = engine._features(audios)
@@ -311,12 +313,10 @@ def test_beam_parity_with_generate_on_tiny_en():
 @needs_realspeech
 def test_multilingual_greedy_parity_on_base():
     """Language given (prompt SOT de transcribe notimestamps) and detected per row, as `generate` does."""
-    from slimwhisper.audio import load_audio
     from slimwhisper.transcribe import generation_kwargs
 
-    rows = [json.loads(line) for line in REALSPEECH.open()]
-    picked = [next(r for r in rows if r["id"] == i) for i in ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")]
-    audios = [load_audio(SHARED_DATA / "realspeech" / r["audio"]) for r in picked]
+    ids = ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")
+    audios = realspeech_audio(lambda rows: [next(r for r in rows if r["id"] == i) for i in ids])
     model, processor = sw.load("base")
     engine = Transcriber(model, processor, batch_size=2)
     eot = model.generation_config.eos_token_id

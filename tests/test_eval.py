@@ -11,16 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from conftest import byte_whisper_pair
 from slimwhisper.data import Sample, open_dataset
 from slimwhisper.errors import SlimWhisperError
 from slimwhisper.eval import (
@@ -43,34 +35,15 @@ LANGS = ("en", "de", "zh")
 
 def tiny_whisper_with_processor(multilingual: bool = True, seed: int = 0):
     """Random 2-layer Whisper plus a byte-level tokenizer with Whisper's special-token layout."""
-    tok = WhisperTokenizer(vocab={ch: i for i, ch in enumerate(bytes_to_unicode().values())}, merges=[])
-    control = ["<|endoftext|>", "<|startoftranscript|>", *([f"<|{x}|>" for x in LANGS] if multilingual else []),
-               "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-               "<|notimestamps|>"]
-    tok.add_tokens(control, special_tokens=True)
-    tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
-    ids = {t: tok.convert_tokens_to_ids(t) for t in control}
-    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
-    config = WhisperConfig(
-        vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
-        max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
-    )
-    torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(config).eval()
+    size = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=128, decoder_ffn_dim=128, max_target_positions=448)
+    model, processor, _ = byte_whisper_pair(size, LANGS, multilingual, seed=seed, timestamps=True, max_length=448,
+                                            max_initial_timestamp_index=50)
     with torch.no_grad():  # constant logits favouring "a": short outputs, and long-form moves 30 s per window
         model.model.decoder.layer_norm.weight.zero_()
-        model.model.decoder.layer_norm.bias.copy_(model.proj_out.weight[tok.convert_tokens_to_ids("a")] * 50)
-    gc = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=448,
-        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
-        is_multilingual=multilingual, suppress_tokens=[], begin_suppress_tokens=[eot], max_initial_timestamp_index=50,
-    )
-    if multilingual:
-        gc.lang_to_id = {f"<|{x}|>": ids[f"<|{x}|>"] for x in LANGS}
-        gc.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
-    model.generation_config = gc
-    return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
+        a_id = processor.tokenizer.convert_tokens_to_ids("a")
+        model.model.decoder.layer_norm.bias.copy_(model.proj_out.weight[a_id] * 50)
+    return model, processor
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import slimwhisper as sw
+from conftest import byte_whisper_pair
 from slimwhisper.cli import main
 from slimwhisper.data import Sample
 from slimwhisper.errors import SlimWhisperError
@@ -43,29 +35,10 @@ FAST = dict(steps=4, batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoin
 
 def tiny_pair(multilingual: bool = False, seed: int = 0):
     """A random 2-layer Whisper and a byte-level tokenizer with Whisper's control tokens."""
-    tok = WhisperTokenizer(vocab={ch: i for i, ch in enumerate(bytes_to_unicode().values())}, merges=[])
-    control = ["<|endoftext|>", "<|startoftranscript|>", *([f"<|{x}|>" for x in LANGS] if multilingual else []),
-               "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-               "<|notimestamps|>"]
-    tok.add_tokens(control, special_tokens=True)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in control}
-    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
-    config = WhisperConfig(
-        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, max_target_positions=64,
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
-    )
-    torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(config).eval()
-    gc = GenerationConfig(decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-                          max_length=24, no_timestamps_token_id=ids["<|notimestamps|>"],
-                          prev_sot_token_id=ids["<|startofprev|>"], is_multilingual=multilingual,
-                          suppress_tokens=[], begin_suppress_tokens=[eot])
-    if multilingual:
-        gc.lang_to_id = {f"<|{x}|>": ids[f"<|{x}|>"] for x in LANGS}
-        gc.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
-    model.generation_config = gc
-    return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
+    size = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, max_target_positions=64)
+    model, processor, _ = byte_whisper_pair(size, LANGS, multilingual, seed=seed, max_length=24)
+    return model, processor
 
 
 def write_clips(folder: Path, n: int = 6, seconds: float = 0.6) -> Path:
