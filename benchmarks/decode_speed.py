@@ -22,6 +22,7 @@ from typing import Any
 import slimwhisper as sw
 from slimwhisper.bench.common import load_for_bench, run_metadata, set_threads, write_json
 from slimwhisper.bench.decode import time_decode
+from slimwhisper.engine.quantize import QUANTIZE_CHOICES, quantize
 
 
 def variant_name(reduction: float, cross: bool) -> str:
@@ -46,13 +47,15 @@ def variant_label(name: str) -> str:
         label += " self+cross"
     if "_materialized" in name:
         label += " materialised"
+    if "_unfolded" in name:
+        label += " unfolded"
     return label
 
 
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     threads = set_threads(a.threads)
     result: dict[str, Any] = run_metadata(threads=threads, repeats=a.repeats, warmup=a.warmup, caches=a.caches,
-                                          factorization="joint", dtype=a.dtype)
+                                          factorization="joint", dtype=a.dtype, quantize=a.quantize)
     result["cells"] = []
     for name in a.models:
         base = load_for_bench(name, a.device, a.dtype)
@@ -62,6 +65,8 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                 modules = ("decoder_self", "decoder_cross") if cross else ("decoder_self",)
                 cfg = sw.MLAConfig(kv_reduction=reduction, factorization="joint", modules=modules)
                 models[variant_name(reduction, cross)] = sw.convert(base, cfg, progress=False).eval()
+        if a.quantize:  # as the engine runs them (MLA up-projections stay float)
+            models = {key: quantize(m, a.quantize) for key, m in models.items()}
         for batch in a.batches:
             for cache_len in a.cache_lens:
                 cell = time_decode(models, batch=batch, cache_len=cache_len, repeats=a.repeats, warmup=a.warmup,
@@ -90,7 +95,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads; "
         f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}; "
-        f"commit {result['commit']}. Median of {settings['repeats']} interleaved steps after {settings['warmup']} "
+        f"commit {result['commit']}."
+        + (f" Models quantised: {settings['quantize']}." if settings.get("quantize") else "")
+        + f" Median of {settings['repeats']} interleaved steps after {settings['warmup']} "
         "warm-up round(s); ms per decode step of the whole batch (one new token per sequence + LM head), "
         f"cross-attention over {cells[0]['encoder_frames']} frames. Speedup = MHA time / variant time with the same "
         "cache kind (> 1 = faster), from medians, then in brackets from the fastest repeats (interference only "
@@ -162,6 +169,7 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantise every model as the engine does (CPU)")
     p.add_argument("--out", default="runs/bench/decode")
     p.add_argument("--render", help="only render tables and plots from this decode_speed.json")
     a = p.parse_args()

@@ -43,6 +43,16 @@ def test_decode_bench_returns_positive_times_and_matching_bytes(tiny_model, slim
     assert all(m.decode_mode == "absorbed" for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention))
 
 
+def test_decode_bench_adds_an_unfolded_entry_only_when_folding(tiny_model, slim):
+    small = sw.convert(tiny_model, sw.MLAConfig(latent_dim=8, factorization="joint"))  # folds both (SPEC 3.3)
+    kwargs = dict(batch=1, cache_len=4, repeats=1, warmup=0, encoder_frames=10, materialized=False)
+    assert set(bench_decode(small, **kwargs)["ms_per_token"]) == {"model", "model_unfolded"}
+    assert set(bench_decode(small, fold="never", **kwargs)["ms_per_token"]) == {"model"}
+    assert set(bench_decode(slim, **kwargs)["ms_per_token"]) == {"model"}  # d_c = 32 of 64: no fold pays
+    assert set(bench_decode(slim, fold="always", **kwargs)["ms_per_token"]) == {"model", "model_unfolded"}
+    assert all(m.fold == "auto" for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention))
+
+
 @pytest.mark.parametrize("which", ["mha", "mla"])
 def test_static_cache_decode_equals_dynamic(tiny_model, slim, which):
     """Steps on preallocated buffers (non-contiguous views) give the same logits, and the length stays fixed."""
@@ -186,3 +196,39 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
         assert all(v > 0 for v in figures["ms_per_token"].values())
         assert figures["tokens"]["slimwhisper_fp32"] == figures["tokens"]["hf_generate"] > 0
         assert figures["speedup_vs_hf_generate"]["slimwhisper"] > 0
+
+
+def test_bench_e2e_compiled_system_is_opt_in_and_reports_compile_time(tmp_path, capsys, monkeypatch):
+    """`slimwhisper_compiled` is accepted but not run by default; it asks torch.compile for the encoder only
+    (stubbed here, so CI does not compile), runs unquantised (the engine refuses compile with int8), and, the
+    stub being the identity, transcribes exactly like `slimwhisper_fp32`."""
+    from test_finetune import tiny_pair, write_clips
+
+    from slimwhisper.bench import e2e
+    from slimwhisper.loading.processor import save_processor
+
+    compiled: list = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    model, processor = tiny_pair(False)
+    model.save_pretrained(tmp_path / "m")
+    save_processor(processor, tmp_path / "m")
+    manifest = write_clips(tmp_path / "d", n=3)
+    assert "slimwhisper_compiled" not in e2e.SYSTEMS
+    argv = ["bench", "e2e", "--model", str(tmp_path / "m"), "--data", str(manifest), "--batch", "2", "--json",
+            "--systems", "slimwhisper_fp32", "slimwhisper_compiled", "--no-per-token"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [getattr(fn, "__name__", None) for fn in compiled] == ["encode"]
+    assert set(printed["rtf"]) == set(printed["wer"]) == {"slimwhisper_fp32", "slimwhisper_compiled"}
+    assert printed["rtf"]["slimwhisper_compiled"] > 0 and printed["per_token"] is None
+    assert printed["wer"]["slimwhisper_compiled"] == printed["wer"]["slimwhisper_fp32"]
+    details = printed["details"]["slimwhisper_compiled"]
+    assert {"wall_s", "output_tokens", "ms_per_output_token", "engine", "compile_s", "compiled",
+            "graphs_compiled_while_timed", "graph_breaks"} <= set(details)
+    assert details["compiled"] == "encoder" and details["engine"]["quantize"] is None
+    assert details["compile_s"] == details["engine"]["warmup_s"] > 0 and details["graphs_compiled_while_timed"] == 0
+    assert details["graph_breaks"] == 0  # the stub compiles nothing
+    assert details["output_tokens"] == printed["details"]["slimwhisper_fp32"]["output_tokens"]
+    with pytest.raises(SlimWhisperError, match="unquantised"):
+        sw.Transcriber(model, processor, quantize="int8", compile=True)
+    assert e2e._batch_sizes([torch.zeros(16000 * 31).numpy(), torch.zeros(100).numpy()], 2) == [2, 1]

@@ -16,8 +16,8 @@ from transformers.generation.logits_process import (
 import slimwhisper as sw
 from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
 from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
-from slimwhisper.engine.cache import StaticEncoderDecoderCache
-from slimwhisper.engine.decode import DecoderRunner, greedy_decode
+from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache
+from slimwhisper.engine.decode import DecoderRunner, cross_attention, greedy_decode
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.rules import LogitRules, TokenIds
 from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
@@ -337,3 +337,32 @@ def test_multilingual_greedy_parity_on_base():
     results = engine.transcribe(audios, temperature=0.0)
     assert [r.language for r in results] == ["de", "fr"]
     assert [r.text for r in results] == [processor.decode(t, skip_special_tokens=True).strip() for t in ours]
+
+
+@pytest.mark.parametrize("length", [1, 3])
+@pytest.mark.parametrize("int8", [False, True])
+def test_own_cross_attention_equals_whisper_attention(length, int8):
+    """The engine's cross-attention (keys cached transposed) gives WhisperAttention's output, call after call,
+    with float linears (keys as W_k x^T) and int8 ones (keys projected, then transposed)."""
+    model = tiny_whisper(seed=3).eval()
+    if int8:
+        model = sw.engine.quantize.quantize_dynamic_int8(model)
+    attn = model.model.decoder.layers[1].encoder_attn
+    gen = torch.Generator().manual_seed(0)
+    enc, layer = torch.randn(2, 30, model.config.d_model, generator=gen), FixedLayer()
+    with torch.inference_mode():
+        for _ in range(2):  # the second call reads the cached keys/values
+            hidden = torch.randn(2, length, model.config.d_model, generator=gen)
+            ref, _ = attn(hidden, key_value_states=enc)
+            torch.testing.assert_close(cross_attention(attn, hidden, layer, enc), ref, atol=1e-5, rtol=1e-5)
+    assert layer.keys_transposed and layer.keys.shape == (2, attn.num_heads, attn.head_dim, 30)
+    assert layer.get_seq_length() == 30
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.keys_transposed
+
+
+def test_runner_uses_own_cross_attention_only_for_plain_attention_on_cpu():
+    model = tiny_whisper().eval()
+    assert DecoderRunner(model).own_cross == [True] * model.config.decoder_layers
+    slim = sw.convert(model, sw.MLAConfig(modules=("decoder_self", "decoder_cross"), kv_reduction=0.5))
+    assert DecoderRunner(slim).own_cross == [False] * model.config.decoder_layers

@@ -8,6 +8,9 @@ from slimwhisper.errors import SlimWhisperError
 from slimwhisper.mla.math import (
     absorbed_attention,
     factorize_kv,
+    fold_choice,
+    fold_output,
+    fold_query,
     head_permutation,
     kept_dim_indices,
     low_rank_projection,
@@ -141,3 +144,32 @@ def test_absorbed_attention_on_strided_cache_views(r, mask_kind, need_weights):
     assert (probs is None) == (not need_weights)
     if probs is not None:
         torch.testing.assert_close(probs.sum(-1), torch.ones(b, heads, length))
+
+
+def test_fold_choice_follows_spec_examples():
+    """SPEC 3.3: tiny (H=6, h=64) with r=8, d_c=48 folds both; small (H=12) with r=8, d_c=96 folds neither."""
+    assert fold_choice(6, 64, 8, 48) == (True, True)
+    assert fold_choice(12, 64, 8, 96) == (False, False)
+    assert fold_choice(6, 64, 0, 192) == (False, False)  # tiny at a 75% reduction
+    assert fold_choice(6, 64, 0, 76) == (True, True) and fold_choice(6, 64, 0, 77) == (False, False)
+
+
+@pytest.mark.parametrize("r", [0, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_projections_equal_the_unfolded_chain(r, bias):
+    torch.manual_seed(2)
+    heads, h, d_c, d_in, scale = 4, 8, 5, 32, 0.3
+    w_q, b_q = torch.randn(heads * h, d_in), torch.randn(heads * h) if bias else None
+    up_k, up_v = torch.randn(heads, h - r, d_c), torch.randn(heads, h, d_c)
+    b_v = torch.randn(heads, h) if bias else None
+    w_o, b_o = torch.randn(d_in, heads * h), torch.randn(d_in) if bias else None
+    x, z = torch.randn(7, d_in, dtype=torch.float64), torch.randn(7, heads, d_c, dtype=torch.float64)
+    q = (torch.nn.functional.linear(x, w_q.double(), None if b_q is None else b_q.double()) * scale).view(7, heads, h)
+    absorbed = torch.einsum("nhc,hcl->nhl", q[..., r:], up_k.double())
+    ref_q = torch.cat([q[..., :r].reshape(7, -1), absorbed.reshape(7, -1)], dim=1)
+    wq_f, bq_f = fold_query(w_q, b_q, up_k, r, scale)
+    torch.testing.assert_close(torch.nn.functional.linear(x, wq_f, bq_f), ref_q)
+    o = torch.einsum("nhl,hel->nhe", z, up_v.double()) + (0 if b_v is None else b_v.double())
+    ref_y = torch.nn.functional.linear(o.reshape(7, -1), w_o.double(), None if b_o is None else b_o.double())
+    wo_f, bo_f = fold_output(w_o, b_o, up_v, b_v)
+    torch.testing.assert_close(torch.nn.functional.linear(z.reshape(7, -1), wo_f, bo_f), ref_y)

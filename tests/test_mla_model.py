@@ -82,14 +82,54 @@ def test_compression_changes_outputs_and_error_falls_with_latent(tiny_model, fea
 ])
 def test_absorbed_decode_equals_materialised(tiny_model, features, cfg):
     slim = sw.convert(tiny_model, cfg, calibration=calib_audio(), progress=False)
-    with mock.patch.object(mla_modules, "absorbed_attention", wraps=mla_modules.absorbed_attention) as spy:
+    with mock.patch.object(mla_modules, "latent_attention", wraps=mla_modules.latent_attention) as spy:
         absorbed = step_logits(slim, features)
     assert spy.call_count > 0, "decode did not take the absorbed path"
     sw.set_decode_mode(slim, "materialized")
-    with mock.patch.object(mla_modules, "absorbed_attention", wraps=mla_modules.absorbed_attention) as spy:
+    with mock.patch.object(mla_modules, "latent_attention", wraps=mla_modules.latent_attention) as spy:
         materialised = step_logits(slim, features)
     assert spy.call_count == 0
     torch.testing.assert_close(absorbed, materialised, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+def test_folded_decode_equals_unfolded_and_follows_weight_changes(tiny_model, features, kept):
+    """SPEC 3.3 folding: a small latent folds both projections under "auto"; folded, unfolded and
+    materialised decoding agree, and folded weights are rebuilt when the weights change."""
+    cfg = sw.MLAConfig(latent_dim=8, kept_dims=kept, modules=("decoder_self", "decoder_cross"), factorization="joint")
+    slim = sw.convert(tiny_model, cfg).eval()
+    mla = [m for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention)]
+    assert all(m.fold_plan() == (True, True) for m in mla), "d_c=8 with 4 heads of 16 dims should fold both"
+    folded = step_logits(slim, features)
+    assert all(m._folded is not None and "q_weight" in m._folded[1] for m in mla), "folded weights were not used"
+    sw.set_decode_mode(slim, "absorbed", fold="never")
+    assert all(m.fold_plan() == (False, False) for m in mla)
+    unfolded = step_logits(slim, features)
+    sw.set_decode_mode(slim, "materialized")
+    materialised = step_logits(slim, features)
+    torch.testing.assert_close(folded, unfolded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(folded, materialised, atol=1e-4, rtol=1e-4)
+    # change the weights in place (as an optimiser step would): the folded copies must follow
+    with torch.no_grad():
+        for m in mla:
+            m.q_proj.weight.mul_(1.5)
+            m.up_v.weight.add_(0.05)
+    changed = step_logits(slim, features)
+    sw.set_decode_mode(slim, "absorbed", fold="always")
+    torch.testing.assert_close(step_logits(slim, features), changed, atol=1e-4, rtol=1e-4)
+    assert (changed - materialised).abs().max() > 1e-3, "the weight change should change the outputs"
+
+
+def test_large_latent_does_not_fold_and_quantised_projections_never_fold(tiny_model):
+    slim = sw.convert(tiny_model, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))  # d_c = 32 of d = 64
+    mla = [m for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention)]
+    assert all(m.fold_plan() == (False, False) for m in mla)
+    sw.set_decode_mode(slim, "absorbed", fold="always")
+    assert all(m.fold_plan() == (True, True) for m in mla)
+    quantised = sw.engine.quantize.quantize_dynamic_int8(slim)
+    assert all(m.fold_plan() == (False, False) for m in quantised.modules() if isinstance(m, sw.WhisperMLAAttention))
+    with pytest.raises(ValueError, match="fold"):
+        sw.set_decode_mode(slim, "absorbed", fold="sometimes")
 
 
 def test_generate_batched_and_beam(tiny_model, features):

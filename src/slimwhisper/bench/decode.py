@@ -28,9 +28,10 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from ..engine.cache import StaticLayer
+from ..engine.quantize import QUANTIZE_CHOICES, quantize
 from ..errors import SlimWhisperError
 from ..memory import cache_bytes_held, kv_cache_bytes
-from ..mla.modules import WhisperMLAAttention, set_decode_mode
+from ..mla.modules import FOLD_MODES, WhisperMLAAttention, set_decode_mode
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 CACHE_KINDS = ("dynamic", "static")
@@ -116,8 +117,13 @@ def prepare_decode(
     return DecodeStepper(model, prefilled, encoder_states, tokens.to(param.device), cache_len)
 
 
-def _mode_switch(model: nn.Module, mode: str) -> Callable[[], None]:
-    return lambda: set_decode_mode(model, mode)
+def _mode_switch(model: nn.Module, mode: str, fold: str | None = None) -> Callable[[], None]:
+    return lambda: set_decode_mode(model, mode, fold)
+
+
+def folds_anything(model: nn.Module, fold: str) -> bool:
+    """Whether decoding with `fold` folds any MLA projection of `model` (SPEC 3.3)."""
+    return any(any(m.fold_plan(fold)) for m in model.modules() if isinstance(m, WhisperMLAAttention))
 
 
 def time_decode(
@@ -131,12 +137,15 @@ def time_decode(
     encoder_frames: int | None = None,
     baseline: str | None = "baseline",
     progress: bool = False,
+    fold: str = "auto",
 ) -> dict[str, Any]:
     """Time decode steps of every model in `models` in one interleaved run; see the module docstring.
 
     Entries are the names in `models` (MLA models in their default absorbed decode); for MLA models
     `materialized` adds "<name>_materialized" (K/V rebuilt from the latent every step); every cache
-    kind after the first in `caches` adds entries suffixed "_<kind>". Returns a JSON-able dict with
+    kind after the first in `caches` adds entries suffixed "_<kind>". MLA entries decode with `fold`
+    ("auto", "never" or "always", SPEC 3.3); when that folds any projection, "<name>_unfolded" adds
+    the same model never folding, for comparison. Returns a JSON-able dict with
     `ms_per_token` per entry, `speedup` (the `baseline` entry's time / entry's), `tokens_per_s`,
     per-repeat times and the cache bytes held (and predicted by `slimwhisper.memory`) per model.
     """
@@ -152,7 +161,10 @@ def time_decode(
             first = first or stepper
             steppers[name + suffix] = stepper
             if is_mla(m):
-                before[name + suffix] = _mode_switch(m, "absorbed")
+                before[name + suffix] = _mode_switch(m, "absorbed", fold)
+                if fold != "never" and folds_anything(m, fold):
+                    steppers[f"{name}_unfolded{suffix}"] = stepper
+                    before[f"{name}_unfolded{suffix}"] = _mode_switch(m, "absorbed", "never")
                 if materialized:
                     steppers[f"{name}_materialized{suffix}"] = stepper
                     before[f"{name}_materialized{suffix}"] = _mode_switch(m, "materialized")
@@ -163,7 +175,7 @@ def time_decode(
         times = interleaved_times(fns, repeats, warmup, device=device, progress=progress, before=before)
     for m in models.values():
         if is_mla(m):
-            set_decode_mode(m, "absorbed")
+            set_decode_mode(m, "absorbed", "auto")
     ms = {key: median_ms(t) for key, t in times.items()}
     result: dict[str, Any] = {"ms_per_token": ms}
     if baseline in ms:
@@ -197,6 +209,7 @@ def time_decode(
         cache_len=cache_len,
         encoder_frames=encoder_frames or first_model.config.max_source_positions,
         caches=list(caches),
+        fold=fold,
         repeats=repeats,
         warmup=warmup,
         definition=DEFINITION,
@@ -229,6 +242,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=(*CACHE_KINDS, "both"), default="dynamic",
                    help="dynamic (HF DynamicCache, as generate), static (preallocated buffers) or both")
     p.add_argument("--no-materialized", action="store_true", help="skip the MLA materialised-decode entry")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantise both models as the engine does (int8 linears, CPU) before timing")
+    p.add_argument("--fold", choices=FOLD_MODES, default="auto",
+                   help="fold MLA up-projections into q_proj/out_proj: auto (where cheaper, SPEC 3.3), never, always")
     add_model_run_args(p)
     return p
 
@@ -237,12 +254,16 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     model = load_for_bench(args.model, args.device, args.dtype)
     baseline = load_for_bench(args.baseline, args.device, args.dtype) if args.baseline else None
+    if args.quantize:
+        model = quantize(model, args.quantize)
+        baseline = quantize(baseline, args.quantize) if baseline is not None else None
     caches = CACHE_KINDS if args.cache == "both" else (args.cache,)
     result = bench_decode(
         model, baseline, batch=args.batch, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
-        progress=not args.json,
+        progress=not args.json, fold=args.fold,
     )
+    result["quantize"] = args.quantize
     if not finish_model_run(result, args, threads):
         for key, ms in result["ms_per_token"].items():
             speed = result.get("speedup", {}).get(key)

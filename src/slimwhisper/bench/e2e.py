@@ -11,11 +11,20 @@ like for like with "faster_whisper_int8"); "slimwhisper_fp32" the engine in the 
 which gives the same tokens as "hf_generate" (transformers `generate`, same precision).
 Systems run one after another (not interleaved): on a shared machine compare within one run only.
 
+Opt-in (not in the default `--systems`, because it pays a compile of minutes before the timed pass):
+"slimwhisper_compiled" is "slimwhisper_fp32" built with `compile=True`, which `torch.compile`s the
+encoder only (the engine refuses compile with int8: measured no faster, and it moved WER). Before the
+timed pass it is warmed up on one file (as every engine system is) and its encoder on every batch size
+the timed pass will meet (dynamo recompiles per new shape); that warm-up wall is
+`details[...]["compile_s"]`, outside rtf. `graphs_compiled_while_timed` counts dynamo graphs compiled
+during the timed pass (0 = no compile leaked into rtf), `graph_breaks` those of the warm-up.
+
 `per_token` isolates the decoder: every 30-s window is encoded once (model precision), then each torch
 system decodes the same encoder outputs in the same batches, greedy, without timestamps or fallback,
 in interleaved rounds (A B B A); ms_per_token = the fastest round's decode wall time / tokens generated
 (EOT included), at the run's batch over all windows and at batch 1 over the first 16. This is where
 `generate`'s per-step overhead shows, which end-to-end figures dilute with feature extraction and the encoder.
+"slimwhisper_compiled" has no per-token figure: its decoder is "slimwhisper"'s (only the encoder is compiled).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from ..errors import SlimWhisperError
 from .common import run_metadata, set_threads
 
 SYSTEMS = ("slimwhisper", "slimwhisper_fp32", "hf_generate", "faster_whisper_int8", "faster_whisper_fp32")
+OPT_IN_SYSTEMS = ("slimwhisper_compiled",)  # accepted by --systems, never run by default (minutes of compile)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--language", help="keep only this language and decode with it (multilingual models)")
     p.add_argument("--limit", type=int, help="first N utterances")
     p.add_argument("--threads", type=int, help="intra-op threads for every system (default torch's)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS + OPT_IN_SYSTEMS, default=list(SYSTEMS),
+                   help=f"default: {' '.join(SYSTEMS)}; opt-in: {' '.join(OPT_IN_SYSTEMS)} (torch.compile'd encoder)")
     p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
     p.add_argument("--per-token-windows", type=int, default=16,
                    help="windows decoded one at a time for the batch-1 per-token figure (default 16)")
@@ -104,17 +115,49 @@ def _faster_whisper(model, audios, language, compute_type: str, threads: int) ->
     return texts, time.perf_counter() - t0
 
 
-def _engine(model, processor, audios, language, batch, quantize) -> tuple[list[str], float, dict]:
+def _batch_sizes(audios, batch: int) -> list[int]:
+    """The encoder batch sizes the engine's batched mode meets on `audios`, in order of first use."""
+    from ..engine.transcriber import split_windows
+
+    n = sum(len(split_windows(a, i)) for i, a in enumerate(audios))
+    return list(dict.fromkeys(min(batch, n - start) for start in range(0, n, batch)))
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """Graphs dynamo has compiled and graph breaks it has hit in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def _engine(model, processor, audios, language, batch, quantize, compile: bool = False
+            ) -> tuple[list[str], float, dict]:
+    """Engine texts and timed wall; the untimed warm-up (with `compile`, every encoder shape) is `warmup_s`."""
+    import torch
+
     from ..engine import Transcriber
 
-    engine = Transcriber(model, processor, batch_size=batch, quantize=quantize)
+    engine = Transcriber(model, processor, batch_size=batch, quantize=quantize, compile=compile)
+    breaks_before = _dynamo_counts()[1]
+    t0 = time.perf_counter()  # torch.compile is lazy: compiling happens in the first calls below
     engine.transcribe(audios[:1], language=language, temperature=0.0)  # warm-up
+    if compile:  # compile the encoder for every batch shape of the timed pass, so no compile lands in rtf
+        with torch.inference_mode():
+            for size in _batch_sizes(audios, batch):
+                engine.runner.encode(engine._features(audios[:1] * size))
+    warmup = time.perf_counter() - t0
     engine.stats = dict.fromkeys(engine.stats, 0)
+    graphs, breaks = _dynamo_counts()
+    breaks -= breaks_before
     t0 = time.perf_counter()
     results = engine.transcribe(audios, language=language, temperature=0.0)
     wall = time.perf_counter() - t0
     stats = dict(engine.stats)
     stats["decode_ms_per_step"] = 1000 * stats["decode_s"] / max(1, stats["steps"])
+    stats["warmup_s"] = warmup
+    if compile:
+        stats["graphs_compiled_while_timed"] = _dynamo_counts()[0] - graphs
+        stats["graph_breaks"] = breaks
     return [r.text for r in results], wall, stats
 
 
@@ -241,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
             if system.startswith("slimwhisper"):
                 # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
                 quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
-                texts, wall, stats = _engine(model, processor, audios, language, args.batch, quant)
+                compiled = system == "slimwhisper_compiled"
+                texts, wall, stats = _engine(model, processor, audios, language, args.batch, quant, compiled)
                 stats["quantize"] = quant
             elif system == "hf_generate":
                 texts, wall = _generate(model, processor, audios, language, args.batch)
@@ -257,7 +301,10 @@ def run(args: argparse.Namespace) -> int:
         extra[system] = {"wall_s": wall, "output_tokens": n_tokens, "ms_per_output_token": 1000 * wall / n_tokens}
         if stats:
             extra[system]["engine"] = stats
-    torch_systems = [s for s in args.systems if s.startswith("slimwhisper") or s == "hf_generate"]
+        if system == "slimwhisper_compiled":
+            extra[system].update(compile_s=stats["warmup_s"], compiled="encoder", graph_breaks=stats["graph_breaks"],
+                                 graphs_compiled_while_timed=stats["graphs_compiled_while_timed"])
+    torch_systems = [s for s in args.systems if s in ("slimwhisper", "slimwhisper_fp32", "hf_generate")]
     result = {
         "rtf": rtf,
         "wer": wer,
@@ -273,7 +320,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         for system in rtf:
-            print(f"{system:22s} rtf {rtf[system]}  wer {wer[system]}")
+            compile_s = extra[system].get("compile_s")
+            print(f"{system:22s} rtf {rtf[system]}  wer {wer[system]}"
+                  + (f"  (compile + warm-up {compile_s:.1f} s, not in rtf)" if compile_s is not None else ""))
         for run_name, figures in (result["per_token"] or {}).items():
             for system, ms in figures["ms_per_token"].items():
                 print(f"{system:22s} decoder-only {run_name}: {ms:.2f} ms per token")

@@ -104,10 +104,14 @@ class StaticLayer(CacheLayerMixin):
 
 
 class FixedLayer(CacheLayerMixin):
-    """One cross-attention layer's cache: the encoder-side keys/values (or latent), set once per window."""
+    """One cross-attention layer's cache: the encoder-side keys/values (or latent), set once per window.
+
+    The engine's own cross-attention stores keys transposed ([B, H, h, T], `keys_transposed`).
+    """
 
     is_compileable = False
     is_sliding = False
+    keys_transposed = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -118,10 +122,12 @@ class FixedLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (0 if self.keys is None else self.keys.shape[-2]), 0
+        return self.get_seq_length(), 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-1] if self.keys_transposed else self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return -1
@@ -129,6 +135,7 @@ class FixedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
+        self.keys_transposed = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """No-op: beams of one audio share its encoder output, and beams are reordered within their audio."""

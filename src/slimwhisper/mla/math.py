@@ -135,6 +135,62 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def latent_attention(
+    q_latent: torch.Tensor,
+    q_kept: torch.Tensor,
+    latent: torch.Tensor,
+    k_kept: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    need_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cache-reading core of absorbed attention: mixed latent z [B, H, L, d_c] and probabilities.
+
+    The latent is shared by every head, so the latent part of the score is multi-query attention
+    with the heads as query rows: scores [B, H*L, T] = q~ [B, H*L, d_c] @ c^T [B, d_c, T], one bmm
+    per batch that reads the cache once (a broadcast `[B, H, L, d_c] @ [B, 1, d_c, T]` matmul would
+    first copy the latent H times, which cost more than the whole MHA step). Cache tensors may be
+    strided views (e.g. length-sliced preallocated buffers): nothing here needs them contiguous.
+
+    Args:
+        q_latent: absorbed queries q~ = U_k^T q_c [B, H, L, d_c] (scale already applied).
+        q_kept: the kept-dim part of the queries [B, H, L, r] (r may be 0).
+        latent: cached latent [B, 1, T, d_c]; k_kept: cached kept key dims [B, H, T, r].
+        attention_mask: additive float or boolean (True = attend) mask broadcastable to [B, H, L, T].
+        need_weights: return the attention probabilities; False takes the fused SDPA kernel
+            (latent as both key and value, scale 1) and returns None for them.
+    """
+    batch, heads, length, _ = q_latent.shape
+    r, tokens = k_kept.shape[-1], latent.shape[-2]
+    q_flat = q_latent.reshape(batch, heads * length, -1)  # [B, H*L, d_c]
+    c = latent[:, 0]  # [B, T, d_c], a view
+    bias = q_kept @ k_kept.transpose(-1, -2) if r else None  # exact part of the score [B, H, L, T]
+    mask = None if attention_mask is None else attention_mask[..., :tokens]
+    if not need_weights:
+        if mask is not None:
+            mask = mask.expand(batch, heads, length, tokens)
+            if bias is not None:
+                bias = bias + _additive(mask, bias.dtype)
+            else:
+                bias = mask if mask.dtype == torch.bool else mask.to(q_latent.dtype)
+        elif bias is not None:
+            bias = bias.expand(batch, heads, length, tokens)
+        bias = None if bias is None else bias.reshape(batch, 1, heads * length, tokens)
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            q_flat.unsqueeze(1), c.unsqueeze(1), c.unsqueeze(1), attn_mask=bias, scale=1.0
+        )  # [B, 1, H*L, d_c]
+        return mixed.view(batch, heads, length, -1), None
+    scores = torch.bmm(q_flat, c.transpose(1, 2)).view(batch, heads, length, tokens)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.float().softmax(dim=-1).to(q_latent.dtype)
+    # rows of probs sum to 1, so the value bias adds after mixing the latent: z = sum_t p_t c_t
+    mixed = torch.bmm(probs.reshape(batch, heads * length, tokens), c).view(batch, heads, length, -1)
+    return mixed, probs
+
+
 def absorbed_attention(
     q: torch.Tensor,
     latent: torch.Tensor,
@@ -148,50 +204,83 @@ def absorbed_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention read straight from the latent cache, never up-projecting it (SPEC 3.1).
 
-    The latent is shared by every head, so the latent part of the score is multi-query attention
-    with the heads as query rows: scores [B, H*L, T] = q~ [B, H*L, d_c] @ c^T [B, d_c, T], one bmm
-    per batch that reads the cache once (a broadcast `[B, H, L, d_c] @ [B, 1, d_c, T]` matmul would
-    first copy the latent H times, which cost more than the whole MHA step). Cache tensors may be
-    strided views (e.g. length-sliced preallocated buffers): nothing here needs them contiguous.
+    Absorbs U_k into the queries, runs `latent_attention`, then expands the mixed latent with U_v.
 
     Args:
         q: pre-scaled queries [B, H, L, h], each head laid out as [kept r | compressed h-r].
         latent: cached latent [B, 1, T, d_c].
         k_kept: cached kept key dims [B, H, T, r].
         up_k: [H, h-r, d_c] per-head key up-projection; up_v: [H, h, d_c]; bias_v: [H, h] or None.
-        attention_mask: additive float or boolean (True = attend) mask broadcastable to [B, H, L, T].
-        need_weights: return the attention probabilities; False takes the fused SDPA kernel
-            (latent as both key and value, scale 1) and returns None for them.
+        attention_mask, need_weights: as in `latent_attention`.
 
     Returns:
         output [B, L, H, h] and attention probabilities [B, H, L, T] (None unless need_weights).
     """
-    batch, heads, length, _ = q.shape
-    r, tokens = k_kept.shape[-1], latent.shape[-2]
-    q_absorbed = absorb_query(q[..., r:], up_k).reshape(batch, heads * length, -1)  # [B, H*L, d_c]
-    c = latent[:, 0]  # [B, T, d_c], a view
-    bias = q[..., :r] @ k_kept.transpose(-1, -2) if r else None  # exact part of the score [B, H, L, T]
-    mask = None if attention_mask is None else attention_mask[..., :tokens]
-    if not need_weights:
-        if mask is not None:
-            mask = mask.expand(batch, heads, length, tokens)
-            if bias is not None:
-                bias = bias + _additive(mask, bias.dtype)
-            else:
-                bias = mask if mask.dtype == torch.bool else mask.to(q.dtype)
-        elif bias is not None:
-            bias = bias.expand(batch, heads, length, tokens)
-        bias = None if bias is None else bias.reshape(batch, 1, heads * length, tokens)
-        mixed = torch.nn.functional.scaled_dot_product_attention(
-            q_absorbed.unsqueeze(1), c.unsqueeze(1), c.unsqueeze(1), attn_mask=bias, scale=1.0
-        )  # [B, 1, H*L, d_c]
-        return expand_values(mixed.view(batch, heads, length, -1), up_v, bias_v), None
-    scores = torch.bmm(q_absorbed, c.transpose(1, 2)).view(batch, heads, length, tokens)
-    if bias is not None:
-        scores = scores + bias
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
-    # rows of probs sum to 1, so the value bias adds after mixing the latent: z = sum_t p_t c_t
-    mixed = torch.bmm(probs.reshape(batch, heads * length, tokens), c).view(batch, heads, length, -1)
+    r = k_kept.shape[-1]
+    mixed, probs = latent_attention(
+        absorb_query(q[..., r:], up_k), q[..., :r], latent, k_kept, attention_mask, need_weights=need_weights
+    )
     return expand_values(mixed, up_v, bias_v), probs
+
+
+def fold_choice(num_heads: int, head_dim: int, kept_dims: int, latent_dim: int) -> tuple[bool, bool]:
+    """Whether folding U_k into W_q and U_v into W_o saves decode FLOPs (SPEC 3.3): (fold query, fold output).
+
+    Per step the query side costs d*d_kc + d_kc*d_c unfolded against d*H*d_c folded, and the output
+    side d*d_c + d^2 against H*d_c*d, so fold the query iff H*d_c < d_kc*(1 + d_c/d) and the output
+    iff (H-1)*d_c < d (d model width, d_kc = H*(h - r) compressed key dims). Folding only pays for
+    small latents (tiny at d_c = 48); at the usual 75-87.5% reductions of Whisper it does not.
+    """
+    d = num_heads * head_dim
+    d_kc = num_heads * (head_dim - kept_dims)
+    fold_q = num_heads * latent_dim < d_kc * (1 + latent_dim / d)
+    fold_o = (num_heads - 1) * latent_dim < d
+    return fold_q, fold_o
+
+
+def fold_query(
+    weight: torch.Tensor, bias: torch.Tensor | None, up_k: torch.Tensor, kept_dims: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One projection x -> [scaled kept queries (H*r) | absorbed queries q~ (H*d_c)] (SPEC 3.3).
+
+    Args:
+        weight: q_proj weight [d, d_in], rows per head laid out [kept r | compressed h-r]; bias [d] or None.
+        up_k: [H, h-r, d_c]; scaling: the attention scale that q_proj's output is multiplied by.
+
+    Returns:
+        weight [H*(r + d_c), d_in] and bias (or None), in float64.
+    """
+    heads, comp, _ = up_k.shape
+    d_in = weight.shape[-1]
+    w = weight.double().view(heads, kept_dims + comp, d_in) * scaling
+    u = up_k.double()
+    w_kept, w_lat = w[:, :kept_dims].reshape(heads * kept_dims, d_in), torch.einsum("hcl,hci->hli", u, w[:, kept_dims:])
+    folded_w = torch.cat([w_kept, w_lat.reshape(-1, d_in)])
+    if bias is None:
+        return folded_w, None
+    b = bias.double().view(heads, kept_dims + comp) * scaling
+    folded_b = torch.cat([b[:, :kept_dims].reshape(-1), torch.einsum("hcl,hc->hl", u, b[:, kept_dims:]).reshape(-1)])
+    return folded_w, folded_b
+
+
+def fold_output(
+    weight: torch.Tensor, bias: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One projection from the mixed latents z [H*d_c] straight to the output (SPEC 3.3).
+
+    y = W_o [U_v^1 z^1 + b_v^1; ...] + b_o = sum_j (W_o^j U_v^j) z^j + (W_o b_v + b_o).
+
+    Args:
+        weight: out_proj weight [d_out, H*h]; bias [d_out] or None; up_v [H, h, d_c]; bias_v [H, h] or None.
+
+    Returns:
+        weight [d_out, H*d_c] and bias (or None), in float64.
+    """
+    heads, head_dim, d_c = up_v.shape
+    w = weight.double().view(-1, heads, head_dim)
+    folded_w = torch.einsum("ohe,hel->ohl", w, up_v.double()).reshape(w.shape[0], heads * d_c)
+    folded_b = None if bias is None else bias.double()
+    if bias_v is not None:
+        extra = weight.double() @ bias_v.double().reshape(-1)
+        folded_b = extra if folded_b is None else folded_b + extra
+    return folded_w, folded_b

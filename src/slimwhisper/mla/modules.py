@@ -10,7 +10,10 @@ Cache slots (ordinary `EncoderDecoderCache` layers, so beam reordering, cropping
     keys   = latent c          [B, 1, T, d_c]
     values = kept key dims     [B, H, T, r]    (r may be 0)
 Prefill and training use the materialised path (K and V rebuilt, any attention backend);
-single-token decode uses the absorbed path, which reads the cache without up-projecting it.
+single-token decode uses the absorbed path, which reads the cache without up-projecting it. In
+inference the absorbed path may also fold U_k into q_proj and U_v into out_proj (SPEC 3.3), chosen
+per module size by `fold_choice` ("auto") or forced with `set_decode_mode(..., fold=...)`; folded
+weights are derived on first use and rebuilt whenever the weights they come from change.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.whisper.modeling_whisper import WhisperAttention, eager_attention_forward
 
-from .math import absorbed_attention
+from .math import absorb_query, expand_values, fold_choice, fold_output, fold_query, latent_attention
 
 DECODE_MODES = ("absorbed", "materialized")
+FOLD_MODES = ("auto", "never", "always")
 
 
 class WhisperMLAAttention(WhisperAttention):
@@ -54,6 +58,8 @@ class WhisperMLAAttention(WhisperAttention):
         self.up_k = nn.Linear(latent_dim, num_heads * self.comp_dims, bias=False)
         self.up_v = nn.Linear(latent_dim, embed_dim, bias=bias)
         self.decode_mode = "absorbed"
+        self.fold = "auto"
+        self._folded: tuple[tuple, dict] | None = None  # (source weight versions, folded tensors)
 
     @classmethod
     def like(cls, attn: WhisperAttention, kept_dims: int, latent_dim: int) -> WhisperMLAAttention:
@@ -101,8 +107,6 @@ class WhisperMLAAttention(WhisperAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         is_cross = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
-        query = (self.q_proj(hidden_states) * self.scaling).view(*input_shape, self.num_heads, self.head_dim)
-        query = query.transpose(1, 2)  # [B, H, L, h]
 
         cache, is_updated = past_key_values, False
         if isinstance(cache, EncoderDecoderCache):
@@ -119,39 +123,93 @@ class WhisperMLAAttention(WhisperAttention):
             if cache is not None:
                 latent, kept = cache.update(latent, kept, self.layer_idx)
 
-        if self._use_absorbed(query, cache):
-            out, weights = absorbed_attention(
-                query,
-                latent,
-                kept,
-                self._up_k_heads(),
-                self._up_v_heads(),
-                self._bias_v_heads(),
-                attention_mask,
-                need_weights=output_attentions,
-            )
-        else:
-            keys, values = self.expand_kv(latent, kept)
-            attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-            out, weights = attention(
-                self,
-                query.contiguous(),
-                keys,
-                values,
-                attention_mask,
-                dropout=0.0 if not self.training else self.dropout,
-                scaling=1.0,  # q is pre-scaled, as in WhisperAttention
-                output_attentions=output_attentions,
-                **kwargs,
-            )
+        if self._use_absorbed(input_shape[-1], cache):
+            out, weights = self._absorbed(hidden_states, latent, kept, attention_mask, output_attentions)
+            return out, weights
+        query = (self.q_proj(hidden_states) * self.scaling).view(*input_shape, self.num_heads, self.head_dim)
+        keys, values = self.expand_kv(latent, kept)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            query.transpose(1, 2).contiguous(),
+            keys,
+            values,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout,
+            scaling=1.0,  # q is pre-scaled, as in WhisperAttention
+            output_attentions=output_attentions,
+            **kwargs,
+        )
         out = self.out_proj(out.reshape(*input_shape, -1).contiguous())
         return out, weights
 
-    def _use_absorbed(self, query: torch.Tensor, cache) -> bool:
+    def _absorbed(
+        self, hidden_states: torch.Tensor, latent: torch.Tensor, kept: torch.Tensor, mask, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Single-token decode straight from the latent cache, with the projections folded where chosen."""
+        batch, length = hidden_states.shape[:2]
+        heads, r = self.num_heads, self.kept_dims
+        folded = self._folded_weights()
+        if "q_weight" in folded:
+            q = nn.functional.linear(hidden_states, folded["q_weight"], folded["q_bias"])
+            q_kept = q[..., : heads * r].view(batch, length, heads, r).transpose(1, 2)
+            q_latent = q[..., heads * r :].view(batch, length, heads, self.latent_dim).transpose(1, 2)
+        else:
+            query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, heads, self.head_dim)
+            query = query.transpose(1, 2)
+            q_kept, q_latent = query[..., :r], absorb_query(query[..., r:], self._up_k_heads())
+        mixed, weights = latent_attention(q_latent, q_kept, latent, kept, mask, need_weights=need_weights)
+        if "o_weight" in folded:
+            z = mixed.transpose(1, 2).reshape(batch, length, heads * self.latent_dim)
+            return nn.functional.linear(z, folded["o_weight"], folded["o_bias"]), weights
+        out = expand_values(mixed, self._up_v_heads(), self._bias_v_heads())
+        return self.out_proj(out.reshape(batch, length, -1)), weights
+
+    def fold_plan(self, fold: str | None = None) -> tuple[bool, bool]:
+        """(fold U_k into q_proj, fold U_v into out_proj) for decoding, per `fold` (default `self.fold`).
+
+        Folding needs float `nn.Linear` projections (not e.g. int8-quantised ones); "auto" folds
+        where SPEC 3.3's FLOP rule says it is cheaper.
+        """
+        fold = fold or self.fold
+        if fold == "never":
+            return False, False
+        plain = [type(m) is nn.Linear for m in (self.q_proj, self.out_proj)]
+        if fold == "always":
+            return plain[0], plain[1]
+        choice = fold_choice(self.num_heads, self.head_dim, self.kept_dims, self.latent_dim)
+        return choice[0] and plain[0], choice[1] and plain[1]
+
+    def _folded_weights(self) -> dict[str, torch.Tensor | None]:
+        """Folded projections for the current weights, rebuilt when any source tensor changes (e.g. training)."""
+        fold_q, fold_o = self.fold_plan()
+        if not (fold_q or fold_o):
+            return {}
+        sources = [self.q_proj.weight, self.q_proj.bias, self.up_k.weight, self.up_v.weight, self.up_v.bias,
+                   self.out_proj.weight, self.out_proj.bias]
+        key = (fold_q, fold_o) + tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+        )
+        if self._folded is None or self._folded[0] != key:
+            dtype = self.q_proj.weight.dtype
+            folded: dict[str, torch.Tensor | None] = {}
+            with torch.no_grad():
+                if fold_q:
+                    w, b = fold_query(self.q_proj.weight, self.q_proj.bias, self._up_k_heads(), self.kept_dims,
+                                      self.scaling)
+                    folded["q_weight"], folded["q_bias"] = w.to(dtype), None if b is None else b.to(dtype)
+                if fold_o:
+                    w, b = fold_output(self.out_proj.weight, self.out_proj.bias, self._up_v_heads(),
+                                       self._bias_v_heads())
+                    folded["o_weight"], folded["o_bias"] = w.to(dtype), None if b is None else b.to(dtype)
+            self._folded = (key, folded)
+        return self._folded[1]
+
+    def _use_absorbed(self, query_length: int, cache) -> bool:
         """Absorb only when decoding one token from a cache (prefill and training materialise)."""
-        return self.decode_mode == "absorbed" and cache is not None and query.shape[-2] == 1 and not self.training
+        return self.decode_mode == "absorbed" and cache is not None and query_length == 1 and not self.training
 
     def _up_k_heads(self) -> torch.Tensor:
         return self.up_k.weight.view(self.num_heads, self.comp_dims, self.latent_dim)
@@ -163,10 +221,18 @@ class WhisperMLAAttention(WhisperAttention):
         return None if self.up_v.bias is None else self.up_v.bias.view(self.num_heads, self.head_dim)
 
 
-def set_decode_mode(model: nn.Module, mode: str) -> None:
-    """Choose how every MLA module decodes: "absorbed" (default) or "materialized" (for checks)."""
+def set_decode_mode(model: nn.Module, mode: str, fold: str | None = None) -> None:
+    """Choose how every MLA module decodes: "absorbed" (default) or "materialized" (for checks).
+
+    `fold` ("auto" by default, "never" or "always") also sets whether the absorbed path folds the
+    up-projections into q_proj/out_proj; None leaves each module's setting unchanged.
+    """
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+    if fold is not None and fold not in FOLD_MODES:
+        raise ValueError(f"fold must be one of {FOLD_MODES}, got {fold!r}")
     for module in model.modules():
         if isinstance(module, WhisperMLAAttention):
             module.decode_mode = mode
+            if fold is not None:
+                module.fold = fold
