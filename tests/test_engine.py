@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 import slimwhisper as sw
 from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
 from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
-from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache
+from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from slimwhisper.engine.decode import DecoderRunner, cross_attention, greedy_decode
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.rules import LogitRules, TokenIds
@@ -129,6 +129,41 @@ def test_greedy_matches_generate_with_different_lengths():
     ours, ref = engine_tokens(model, features), generate_tokens(model, features)
     assert ours == ref
     assert len({tuple(t[:5]) for t in ours}) > 1  # the rows really differ
+
+
+def test_one_runner_reuses_its_buffers_and_decodes_like_fresh_ones():
+    """Batches decoded one after another on one runner (buffers reused, rows compacted in place, a smaller
+    batch in the same buffers) give the tokens fresh runners give."""
+    model = varied_whisper()
+    ids = TokenIds.from_generation_config(model.generation_config)
+    runner = DecoderRunner(model)
+    batches = [varied_features(4, seed=1), varied_features(3, seed=7), varied_features(4, seed=9)]
+    pointers = []
+    for features in batches:
+        prompt = torch.tensor([[ids.sot, ids.no_timestamps]] * features.shape[0])
+        reused = [d.tokens for d in greedy_decode(runner, runner.encode(features), prompt, ids)]
+        assert reused == engine_tokens(model, features)
+        layer = runner._cache.self_attention_cache.layers[0]
+        pointers.append((id(runner._cache), layer._keys_full.data_ptr(),
+                         runner._cache.cross_attention_cache.layers[0]._spare[0].data_ptr()))
+    assert len(set(pointers)) == 1, "the second and third batches should reuse the first one's buffers"
+
+
+def test_static_layer_compacts_in_place_grows_for_beams_and_resets_rows():
+    layer = StaticLayer(4, ((2, 3), (2, 1)), max_len=6, dtype=torch.float32, device="cpu")
+    keys = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).view(4, 2, 2, 3)
+    layer.update(keys, keys[..., :1])
+    full = layer._keys_full.data_ptr()
+    layer.select_rows(torch.tensor([2, 0]))  # finished rows leave
+    assert layer.keys.data_ptr() == full and layer.keys.shape[0] == 2
+    assert torch.equal(layer.keys[:, :, :2], keys[[2, 0]])
+    assert torch.equal(layer.values[:, :, :2], keys[[2, 0]][..., :1])
+    layer.select_rows(torch.tensor([0, 0, 1, 1, 1]))  # beams repeat rows: more than the buffers hold
+    assert layer.capacity_rows == 5 and torch.equal(layer.keys[:, :, :2], keys[[2, 2, 0, 0, 0]])
+    layer.reset(3)
+    assert layer.keys.shape[0] == 3 and layer.get_seq_length() == 0
+    with pytest.raises(ValueError, match="rows"):
+        layer.reset(6)
 
 
 def test_greedy_matches_generate_for_mla():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from .cache import StaticEncoderDecoderCache
 from .decode import Decoded, DecoderRunner, _no_speech_probs
 from .rules import LogitRules, TokenIds
 
@@ -80,7 +79,7 @@ def beam_decode(
     new_max = max_length - plen
 
     # Prefill once per audio (all beams share the prompt), then repeat the cache rows per beam.
-    cache = StaticEncoderDecoderCache.for_model(runner.model, batch, max_length, dtype=encoder_out.dtype)
+    cache = runner.new_cache(batch, max_length, encoder_out.dtype)
     logits_all = runner(prompt, cache, encoder_out, all_logits=True)
     no_speech = _no_speech_probs(logits_all, prompt, ids)
     per_beam = torch.arange(batch, device=device).repeat_interleave(k)

@@ -6,6 +6,10 @@ caches its latent [B, 1, T, d_c] in the key slot and its kept key dims [B, H, T,
 `FixedLayer` (cross attention) keeps what the first decoder step computed from the encoder output
 (keys/values or latent), once per window. Both are transformers `CacheLayerMixin`s inside an
 `EncoderDecoderCache`, so the model's own attention modules (MHA and MLA) drive them unchanged.
+
+Buffers outlive a window: `reset(rows)` readies a cache for the next batch of windows without
+allocating, and dropping finished rows compacts them into the head of the same buffers. Fresh
+multi-megabyte tensors cost page faults on every window (a few % of decode time on a CPU).
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ class StaticLayer(CacheLayerMixin):
         super().__init__()
         (kh, kd), (vh, vd) = slots
         self.max_len = max_len
-        self.keys = torch.zeros(batch, kh, max_len, kd, dtype=dtype, device=device)
-        self.values = torch.zeros(batch, vh, max_len, vd, dtype=dtype, device=device)
+        # positions past `length` are never read, so the buffers need no zeroing
+        self._keys_full = torch.empty(batch, kh, max_len, kd, dtype=dtype, device=device)
+        self._values_full = torch.empty(batch, vh, max_len, vd, dtype=dtype, device=device)
+        self.keys, self.values = self._keys_full, self._values_full
         self.length = 0
         self.is_initialized = True
         self.dtype, self.device = dtype, torch.device(device)
@@ -79,9 +85,17 @@ class StaticLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.max_len
 
-    def reset(self) -> None:
-        """Forget the cached positions (the buffers are overwritten by the next writes)."""
+    @property
+    def capacity_rows(self) -> int:
+        return self._keys_full.shape[0]
+
+    def reset(self, rows: int | None = None) -> None:
+        """Forget the cached positions and use the first `rows` rows of the buffers (default all)."""
+        rows = self.capacity_rows if rows is None else rows
+        if rows > self.capacity_rows:
+            raise ValueError(f"this layer has {self.capacity_rows} rows, asked for {rows}")
         self.length = 0
+        self.keys, self.values = self._keys_full[:rows], self._values_full[:rows]
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` positions (a negative count, as `DynamicLayer.crop`)."""
@@ -98,9 +112,16 @@ class StaticLayer(CacheLayerMixin):
                 view.copy_(view.index_select(0, beam_idx.to(buf.device)))
 
     def select_rows(self, rows: torch.LongTensor) -> None:
-        """Keep only `rows` (finished rows leave the batch); reallocates, so call it rarely."""
-        self.keys = self.keys.index_select(0, rows)
-        self.values = self.values.index_select(0, rows)
+        """Keep only `rows`, in that order (finished rows leave, beams repeat); copies the filled positions
+        into the head of the buffers, which grow only when there are more rows than before."""
+        n, filled = len(rows), self.length
+        kept = [t[:, :, :filled].index_select(0, rows) for t in (self.keys, self.values)]
+        if n > self.capacity_rows:
+            self._keys_full = self._keys_full.new_empty((n, *self._keys_full.shape[1:]))
+            self._values_full = self._values_full.new_empty((n, *self._values_full.shape[1:]))
+        self.keys, self.values = self._keys_full[:n], self._values_full[:n]
+        self.keys[:, :, :filled].copy_(kept[0])
+        self.values[:, :, :filled].copy_(kept[1])
 
 
 class FixedLayer(CacheLayerMixin):
@@ -112,6 +133,18 @@ class FixedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     keys_transposed = False
+    _spare: tuple[torch.Tensor, torch.Tensor] | None = None  # buffers kept for the next window
+
+    def buffers(self, key_shape: tuple, value_shape: tuple, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+        """Tensors to write this window's keys and values into: the previous window's buffers when they fit."""
+        spare = self._spare
+        fits = (spare is not None and spare[0].dtype == dtype and spare[0].device == torch.device(device)
+                and spare[0].shape[1:] == key_shape[1:] and spare[1].shape[1:] == value_shape[1:]
+                and spare[0].shape[0] >= key_shape[0])
+        if not fits:
+            spare = self._spare = (torch.empty(key_shape, dtype=dtype, device=device),
+                                   torch.empty(value_shape, dtype=dtype, device=device))
+        return spare[0][: key_shape[0]], spare[1][: value_shape[0]]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -141,9 +174,14 @@ class FixedLayer(CacheLayerMixin):
         """No-op: beams of one audio share its encoder output, and beams are reordered within their audio."""
 
     def select_rows(self, rows: torch.LongTensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
+        if self.keys is None:
+            return
+        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        spare = self._spare
+        if spare is not None and self.keys.data_ptr() == spare[0].data_ptr() and len(rows) <= spare[0].shape[0]:
+            self.keys, self.values = spare[0][: len(rows)].copy_(keys), spare[1][: len(rows)].copy_(values)
+        else:
+            self.keys, self.values = keys, values
 
 
 class StaticEncoderDecoderCache(EncoderDecoderCache):
@@ -175,8 +213,19 @@ class StaticEncoderDecoderCache(EncoderDecoderCache):
     def batch_size(self) -> int:
         return self.self_attention_cache.layers[0].keys.shape[0]
 
-    def reset(self) -> None:
-        for layer in self.self_attention_cache.layers + self.cross_attention_cache.layers:
+    @property
+    def capacity_rows(self) -> int:
+        return self.self_attention_cache.layers[0].capacity_rows
+
+    @property
+    def max_len(self) -> int:
+        return self.self_attention_cache.layers[0].max_len
+
+    def reset(self, rows: int | None = None) -> None:
+        """Ready the cache for a new batch of `rows` windows (default all rows) without allocating."""
+        for layer in self.self_attention_cache.layers:
+            layer.reset(rows)
+        for layer in self.cross_attention_cache.layers:
             layer.reset()
         for idx in self.is_updated:
             self.is_updated[idx] = False

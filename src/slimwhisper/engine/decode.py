@@ -46,9 +46,20 @@ class DecoderRunner:
         self.decoder = model.model.decoder
         self.proj_out = model.proj_out
         self.max_positions = model.config.max_target_positions
+        self._cache: StaticEncoderDecoderCache | None = None
         on_cpu = next(model.parameters()).device.type == "cpu"
         # exact class: subclasses (MLA) cache something else and run their own attention
         self.own_cross = [on_cpu and type(layer.encoder_attn) is WhisperAttention for layer in self.decoder.layers]
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> StaticEncoderDecoderCache:
+        """An empty cache for `batch` rows: the previous call's buffers when they fit (they are kept for reuse)."""
+        cache = self._cache
+        if cache is None or cache.max_len != max_len or cache.capacity_rows < batch or (
+            cache.self_attention_cache.layers[0].dtype != dtype
+        ):
+            cache = self._cache = StaticEncoderDecoderCache.for_model(self.model, batch, max_len, dtype=dtype)
+        cache.reset(batch)
+        return cache
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder output [B, frames, d] for log-mel features [B, mels, 3000]."""
@@ -103,13 +114,14 @@ def cross_attention(
     heads, head_dim = attn.num_heads, attn.head_dim
     if layer.keys is None:
         frames = encoder_out.shape[1]
-        if type(attn.k_proj) is nn.Linear:  # W_k x^T is already [B, H*h, T]: no transposing copy
-            keys = torch.matmul(attn.k_proj.weight, encoder_out.transpose(1, 2))
-            keys = keys if attn.k_proj.bias is None else keys + attn.k_proj.bias[:, None]
-            keys = keys.view(batch, heads, head_dim, frames)
+        keys, values = layer.buffers((batch, heads, head_dim, frames), (batch, heads, frames, head_dim),
+                                     encoder_out.dtype, encoder_out.device)
+        if type(attn.k_proj) is nn.Linear and attn.k_proj.bias is None:  # W_k x^T is [B, H*h, T]: no transpose
+            flat_keys = keys.view(batch, heads * head_dim, frames)
+            torch.matmul(attn.k_proj.weight, encoder_out.transpose(1, 2), out=flat_keys)
         else:  # e.g. int8 linears, which only compute x W^T
-            keys = attn.k_proj(encoder_out).view(batch, frames, heads, head_dim).permute(0, 2, 3, 1).contiguous()
-        values = attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2).contiguous()
+            keys.copy_(attn.k_proj(encoder_out).view(batch, frames, heads, head_dim).permute(0, 2, 3, 1))
+        values.copy_(attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2))
         layer.update(keys, values)
         layer.keys_transposed = True
     query = (attn.q_proj(hidden) * attn.scaling).view(batch, length, heads, head_dim).transpose(1, 2)
@@ -150,7 +162,7 @@ def greedy_decode(
     batch, plen = prompt.shape
     max_length = min(max_length or runner.max_positions, runner.max_positions)
     vocab = runner.proj_out.out_features
-    cache = StaticEncoderDecoderCache.for_model(runner.model, batch, max_length, dtype=encoder_out.dtype)
+    cache = runner.new_cache(batch, max_length, encoder_out.dtype)
     rules = LogitRules(ids, vocab, batch, timestamps=timestamps, device=prompt.device)
     logits_all = runner(prompt, cache, encoder_out, all_logits=True)
     no_speech = _no_speech_probs(logits_all, prompt, ids)
