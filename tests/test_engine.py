@@ -149,17 +149,34 @@ def test_one_runner_reuses_its_buffers_and_decodes_like_fresh_ones():
     assert len(set(pointers)) == 1, "the second and third batches should reuse the first one's buffers"
 
 
+def test_fixed_layer_compacts_its_kept_buffers_in_place():
+    layer = FixedLayer()
+    keys, values = layer.buffers((4, 2, 3, 5), (4, 2, 5, 3), torch.float32, "cpu")
+    keys.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand_as(keys))
+    values.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand_as(values))
+    layer.update(keys, values)
+    layer.select_rows(torch.tensor([0, 2, 3]))
+    assert layer.keys.data_ptr() == keys.data_ptr() and layer.keys[:, 0, 0, 0].tolist() == [0.0, 2.0, 3.0]
+    assert layer.values[:, 0, 0, 0].tolist() == [0.0, 2.0, 3.0]
+    layer.reset()
+    again = layer.buffers((3, 2, 3, 5), (3, 2, 5, 3), torch.float32, "cpu")
+    assert again[0].data_ptr() == keys.data_ptr(), "the next window reuses the buffers"
+    assert layer.buffers((5, 2, 3, 5), (5, 2, 5, 3), torch.float32, "cpu")[0].data_ptr() != keys.data_ptr()
+
+
 def test_static_layer_compacts_in_place_grows_for_beams_and_resets_rows():
     layer = StaticLayer(4, ((2, 3), (2, 1)), max_len=6, dtype=torch.float32, device="cpu")
     keys = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).view(4, 2, 2, 3)
     layer.update(keys, keys[..., :1])
     full = layer._keys_full.data_ptr()
-    layer.select_rows(torch.tensor([2, 0]))  # finished rows leave
-    assert layer.keys.data_ptr() == full and layer.keys.shape[0] == 2
-    assert torch.equal(layer.keys[:, :, :2], keys[[2, 0]])
-    assert torch.equal(layer.values[:, :, :2], keys[[2, 0]][..., :1])
+    layer.select_rows(torch.tensor([1, 2, 3]))  # finished rows leave: compacted in place
+    assert layer.keys.data_ptr() == full and layer.keys.shape[0] == 3
+    assert torch.equal(layer.keys[:, :, :2], keys[[1, 2, 3]])
+    assert torch.equal(layer.values[:, :, :2], keys[[1, 2, 3]][..., :1])
+    layer.select_rows(torch.tensor([2, 0]))  # any order
+    assert layer.keys.data_ptr() == full and torch.equal(layer.keys[:, :, :2], keys[[3, 1]])
     layer.select_rows(torch.tensor([0, 0, 1, 1, 1]))  # beams repeat rows: more than the buffers hold
-    assert layer.capacity_rows == 5 and torch.equal(layer.keys[:, :, :2], keys[[2, 2, 0, 0, 0]])
+    assert layer.capacity_rows == 5 and torch.equal(layer.keys[:, :, :2], keys[[3, 3, 1, 1, 1]])
     layer.reset(3)
     assert layer.keys.shape[0] == 3 and layer.get_seq_length() == 0
     with pytest.raises(ValueError, match="rows"):

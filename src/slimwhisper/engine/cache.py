@@ -23,6 +23,22 @@ from ..mla.modules import WhisperMLAAttention
 SlotShape = tuple[tuple[int, int], tuple[int, int]]  # ((key heads, key dim), (value heads, value dim))
 
 
+def compact_rows_(buffers: tuple[torch.Tensor, ...], rows: list[int]) -> None:
+    """Move row rows[i] to row i of every buffer, in place, for strictly increasing `rows`.
+
+    Row i is written only after every source row below it has been read, since rows[j] >= j for
+    increasing rows: no temporary copy of the kept rows is needed.
+    """
+    for i, r in enumerate(rows):
+        if r != i:
+            for buf in buffers:
+                buf[i].copy_(buf[r])
+
+
+def increasing(rows: list[int]) -> bool:
+    return all(a < b for a, b in zip(rows, rows[1:]))
+
+
 def self_attention_slots(model: nn.Module) -> list[SlotShape]:
     """Per decoder layer, the (heads, dim) of the key and value slots its self attention caches."""
     slots = []
@@ -115,6 +131,11 @@ class StaticLayer(CacheLayerMixin):
         """Keep only `rows`, in that order (finished rows leave, beams repeat); copies the filled positions
         into the head of the buffers, which grow only when there are more rows than before."""
         n, filled = len(rows), self.length
+        order = rows.tolist()
+        if increasing(order):  # rows leave: compact in place
+            compact_rows_((self.keys[:, :, :filled], self.values[:, :, :filled]), order)
+            self.keys, self.values = self._keys_full[:n], self._values_full[:n]
+            return
         kept = [t[:, :, :filled].index_select(0, rows) for t in (self.keys, self.values)]
         if n > self.capacity_rows:
             self._keys_full = self._keys_full.new_empty((n, *self._keys_full.shape[1:]))
@@ -176,12 +197,12 @@ class FixedLayer(CacheLayerMixin):
     def select_rows(self, rows: torch.LongTensor) -> None:
         if self.keys is None:
             return
-        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        spare = self._spare
-        if spare is not None and self.keys.data_ptr() == spare[0].data_ptr() and len(rows) <= spare[0].shape[0]:
-            self.keys, self.values = spare[0][: len(rows)].copy_(keys), spare[1][: len(rows)].copy_(values)
+        order = rows.tolist()
+        if increasing(order):  # rows leave: compact in place (the tensors may be the kept buffers)
+            compact_rows_((self.keys, self.values), order)
+            self.keys, self.values = self.keys[: len(order)], self.values[: len(order)]
         else:
-            self.keys, self.values = keys, values
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
 
 
 class StaticEncoderDecoderCache(EncoderDecoderCache):
