@@ -120,6 +120,18 @@ def test_folded_decode_equals_unfolded_and_follows_weight_changes(tiny_model, fe
     assert (changed - materialised).abs().max() > 1e-3, "the weight change should change the outputs"
 
 
+def test_folded_weights_built_in_inference_mode_serve_a_later_step_with_autograd(tiny_model, features):
+    slim = sw.convert(tiny_model, sw.MLAConfig(latent_dim=8, factorization="joint")).eval()
+    with torch.inference_mode():
+        step_logits(slim, features, steps=2)  # builds the folded weights
+    enc = slim.model.encoder(features).last_hidden_state
+    first = slim(encoder_outputs=(enc,), decoder_input_ids=PROMPT[:, :2], use_cache=True)
+    step = slim(encoder_outputs=(enc,), decoder_input_ids=PROMPT[:, 2:3], past_key_values=first.past_key_values,
+                use_cache=True)
+    step.logits.sum().backward()  # the folded path with autograd on
+    assert slim.model.decoder.layers[0].self_attn.kv_down.weight.grad is not None
+
+
 def test_large_latent_does_not_fold_and_quantised_projections_never_fold(tiny_model):
     slim = sw.convert(tiny_model, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))  # d_c = 32 of d = 64
     mla = [m for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention)]

@@ -36,6 +36,7 @@ def compact_rows_(buffers: tuple[torch.Tensor, ...], rows: list[int]) -> None:
 
 
 def increasing(rows: list[int]) -> bool:
+    """Whether `rows` only drops rows (strictly increasing), so `compact_rows_` can work in place."""
     return all(a < b for a, b in zip(rows, rows[1:]))
 
 

@@ -86,7 +86,6 @@ class DecoderRunner:
             hidden = hidden[:, -1]
         return self.proj_out(self.decoder.layer_norm(hidden))
 
-
     @staticmethod
     def _layer(idx: int, layer: nn.Module, hidden, mask, cache: StaticEncoderDecoderCache, encoder_out) -> torch.Tensor:
         """A pre-norm Whisper decoder layer (as `WhisperDecoderLayer`, inference) with `cross_attention`."""

@@ -195,7 +195,8 @@ class WhisperMLAAttention(WhisperAttention):
         if self._folded is None or self._folded[0] != key:
             dtype = self.q_proj.weight.dtype
             folded: dict[str, torch.Tensor | None] = {}
-            with torch.no_grad():
+            # ordinary tensors even when first built under inference_mode, so a later no-grad call can use them
+            with torch.inference_mode(False), torch.no_grad():
                 if fold_q:
                     w, b = fold_query(self.q_proj.weight, self.q_proj.bias, self._up_k_heads(), self.kept_dims,
                                       self.scaling)
