@@ -13,7 +13,10 @@ are timed); after every timed step the cache is cropped back to `cache_len`. Mod
 turns (A B A B ...) after a warm-up and the medians compared, so machine noise hits all of them.
 Cache kinds: "dynamic" is Hugging Face's `DynamicCache` (concatenates the whole cache every step,
 as `generate` does); "static" is the transcription engine's own `engine.cache.StaticLayer`: writes
-into preallocated buffers and hands attention length-sliced views.
+into preallocated buffers and hands attention length-sliced views. `--quantize int8` times both
+models with the engine's int8 linears; MLA models decode absorbed, folding the up-projections into
+q_proj/out_proj where SPEC 3.3 says it is cheaper (`--fold` forces it), and a model that folds gets
+a "model_unfolded" entry too.
 """
 from __future__ import annotations
 
