@@ -17,7 +17,7 @@ import slimwhisper as sw
 from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
 from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
 from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
-from slimwhisper.engine.decode import DecoderRunner, cross_attention, greedy_decode
+from slimwhisper.engine.decode import DecoderRunner, cross_attention, fuse_qkv, greedy_decode, self_attention
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.rules import LogitRules, TokenIds
 from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
@@ -418,3 +418,28 @@ def test_runner_uses_own_cross_attention_only_for_plain_attention_on_cpu():
     assert DecoderRunner(model).own_cross == [True] * model.config.decoder_layers
     slim = sw.convert(model, sw.MLAConfig(modules=("decoder_self", "decoder_cross"), kv_reduction=0.5))
     assert DecoderRunner(slim).own_cross == [False] * model.config.decoder_layers
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_self_attention_equals_whisper_attention(int8):
+    """The engine's self-attention (q, k, v from one fused linear) gives WhisperAttention's output and cache,
+    for a prefill with a causal mask and then single steps; int8 fuses into a per-row int8 linear."""
+    model = tiny_whisper(seed=4).eval()
+    if int8:
+        model = sw.engine.quantize.quantize_dynamic_int8(model)
+    attn = model.model.decoder.layers[0].self_attn
+    qkv = fuse_qkv(attn)
+    assert (type(qkv).__module__.startswith("torch.ao.nn.quantized")) == int8
+    ours = StaticEncoderDecoderCache.for_model(model, batch=2, max_len=8)
+    ref = StaticEncoderDecoderCache.for_model(model, batch=2, max_len=8)
+    gen = torch.Generator().manual_seed(0)
+    visible = torch.ones(3, 3, dtype=torch.bool).tril()
+    causal = torch.zeros(3, 3).masked_fill(~visible, torch.finfo(torch.float32).min)[None, None]
+    tol = 5e-3 if int8 else 1e-5  # int8: one scale per row against one per projection (outputs ~0.06)
+    with torch.inference_mode():
+        for length, mask in ((3, causal), (1, None), (1, None)):
+            hidden = torch.randn(2, length, model.config.d_model, generator=gen)
+            expected, _ = attn(hidden, past_key_values=ref, attention_mask=mask)
+            got = self_attention(attn, qkv, hidden, ours.self_attention_cache.layers[0], mask)
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    assert ours.get_seq_length() == ref.get_seq_length() == 5

@@ -44,6 +44,29 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=False)
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A dynamic int8 linear made by `quantize_dynamic_int8` (its weight is a packed int8 tensor)."""
+    return type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
+def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float weight [out, in] and bias of an `nn.Linear` or a dynamic int8 linear (dequantised)."""
+    if is_quantized_linear(module):
+        return module.weight().dequantize(), module.bias()
+    return module.weight.detach(), None if module.bias is None else module.bias.detach()
+
+
+def quantize_linear_int8(linear: nn.Linear) -> nn.Module:
+    """One float linear as a dynamic int8 linear with a scale per output row (rows of fused projections differ)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        wrapped = quantize_dynamic(nn.Sequential(linear), qconfig_spec={nn.Linear: per_channel_dynamic_qconfig},
+                                   dtype=torch.qint8, inplace=False)
+    return wrapped[0]
+
+
 def quantize(model: nn.Module, method: str | None) -> nn.Module:
     """Apply `method` (None or "int8")."""
     if method is None:
