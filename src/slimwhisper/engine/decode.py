@@ -11,8 +11,9 @@ keys transposed, [B, H, h, T], so each step is two plain matmuls that stream the
 for one query row per head over 1500 frames that is faster than SDPA over [B, H, T, h] keys (27% at
 batch 8, 10% at batch 1, one thread). Ordinary self-attention runs `self_attention`, with q, k and v
 projected by one fused linear (int8 with a scale per row when the model is quantised): at batch 1 a
-projection costs about as much per call as per byte, so one call instead of three saves a third of
-the layer's attention time. MLA attention and other devices keep the model's own modules.
+small projection costs mostly per call, not per weight, so one call instead of three takes one
+layer's self-attention from about 0.5 ms (the HF module, int8) to about 0.3 ms. MLA attention and
+other devices keep the model's own modules.
 """
 from __future__ import annotations
 
