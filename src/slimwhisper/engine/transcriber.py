@@ -119,8 +119,8 @@ class Transcriber:
         if patience < 1.0:
             raise SlimWhisperError(f"patience must be at least 1.0, got {patience}")
         if compile and quantize:
-            # measured (bench e2e --systems slimwhisper slimwhisper_compiled): with int8 linears the compiled
-            # encoder was no faster (0.87-1.09x), compiled for ~50 s, and moved WER by +0.28 points
+            # measured before this check (bench e2e, int8 engine compiled vs not, order swapped): no faster
+            # (0.92x and 1.10x of its time), ~50 s of compiling, and WER +0.28 points (BENCHMARKS.md)
             raise SlimWhisperError("compile=True is offered for unquantised models only; drop quantize or compile")
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
