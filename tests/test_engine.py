@@ -17,7 +17,16 @@ import slimwhisper as sw
 from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
 from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
 from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
-from slimwhisper.engine.decode import DecoderRunner, cross_attention, fuse_qkv, greedy_decode, self_attention
+from slimwhisper.engine.decode import (
+    DecoderRunner,
+    FusedMLA,
+    cross_attention,
+    fuse_mla,
+    fuse_qkv,
+    greedy_decode,
+    mla_self_attention,
+    self_attention,
+)
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.rules import LogitRules, TokenIds
 from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
@@ -443,3 +452,64 @@ def test_fused_self_attention_equals_whisper_attention(int8):
             got = self_attention(attn, qkv, hidden, ours.self_attention_cache.layers[0], mask)
             torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
     assert ours.get_seq_length() == ref.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("kept,fold,int8", [
+    (0, "never", False), (2, "never", False), (2, "always", False), (0, "always", False), (2, "never", True),
+])
+def test_fused_mla_step_equals_the_modules_absorbed_decode(kept, fold, int8):
+    """One decode step through the engine's fused [query | latent | kept] projection gives the MLA module's
+    absorbed output and cache, folded or not, with kept key dims or none, float or int8 (per-row scales)."""
+    config = sw.MLAConfig(kv_reduction=0.75, kept_dims=kept, factorization="joint")
+    slim = sw.convert(tiny_whisper(seed=6).eval(), config)
+    sw.mla.modules.set_decode_mode(slim, "absorbed", fold=fold)
+    if int8:
+        slim = sw.engine.quantize.quantize_dynamic_int8(slim)
+    attn = slim.model.decoder.layers[1].self_attn
+    fused = fuse_mla(attn)
+    assert (type(fused.proj).__module__.startswith("torch.ao.nn.quantized")) == int8
+    assert ("q_weight" in fused.folded) == (fold == "always" and not int8)
+    ours = StaticEncoderDecoderCache.for_model(slim, batch=2, max_len=8)
+    ref = StaticEncoderDecoderCache.for_model(slim, batch=2, max_len=8)
+    gen = torch.Generator().manual_seed(0)
+    tol = 5e-3 if int8 else 1e-5
+    with torch.inference_mode():
+        prefill = torch.randn(2, 3, slim.config.d_model, generator=gen)
+        for cache in (ours, ref):  # the prefill is the module's own (materialised) path in both
+            attn(prefill, past_key_values=cache)
+        for _ in range(2):
+            hidden = torch.randn(2, 1, slim.config.d_model, generator=gen)
+            expected, _ = attn(hidden, past_key_values=ref)
+            got = mla_self_attention(attn, fused, hidden, ours.self_attention_cache.layers[1])
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    mine, theirs = ours.self_attention_cache.layers[1], ref.self_attention_cache.layers[1]
+    assert mine.get_seq_length() == theirs.get_seq_length() == 5
+    latent, expected_latent = mine.keys[:, :, :5], theirs.keys[:, :, :5]
+    if int8:  # per-row against per-projection scales: compare the error with the latent's size
+        assert (latent - expected_latent).norm() < 0.02 * expected_latent.norm()
+    else:
+        torch.testing.assert_close(latent, expected_latent, atol=tol, rtol=tol)
+    assert mine.values.shape[-1] == kept
+
+
+def test_runner_fuses_mla_self_attention_and_follows_the_decode_mode():
+    """MLA self-attention (self-only conversion) runs fused in the engine's steps, giving generate's tokens;
+    set to "materialized", the module's own path runs instead and the tokens stay the same."""
+    base = varied_whisper(3)
+    slim = sw.convert(base, sw.MLAConfig(kv_reduction=0.75, kept_dims=2, factorization="joint"))
+    slim.generation_config = base.generation_config
+    runner = DecoderRunner(slim)
+    assert all(isinstance(f, FusedMLA) for f in runner.fused_mla) and runner.fused_qkv == [None] * 2
+    features = varied_features(3, seed=5)
+    calls = []
+    original = sw.engine.decode.mla_self_attention
+    sw.engine.decode.mla_self_attention = lambda *a: calls.append(1) or original(*a)
+    try:
+        fused_tokens = engine_tokens(slim, features)
+        assert calls, "the fused MLA step was not used"
+        calls.clear()
+        sw.mla.modules.set_decode_mode(slim, "materialized")
+        assert engine_tokens(slim, features) == fused_tokens and not calls
+    finally:
+        sw.engine.decode.mla_self_attention = original
+    assert fused_tokens == generate_tokens(slim, features)

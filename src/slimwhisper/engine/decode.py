@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
+from ..mla.modules import WhisperMLAAttention
 from .cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from .quantize import float_weight_and_bias, is_quantized_linear, quantize_linear_int8
 from .rules import LogitRules, TokenIds
@@ -59,6 +60,10 @@ class DecoderRunner:
             fuse_qkv(layer.self_attn) if own and type(layer.self_attn) is WhisperAttention else None
             for own, layer in zip(self.own_cross, self.decoder.layers)
         ]
+        self.fused_mla = [
+            fuse_mla(layer.self_attn) if own and type(layer.self_attn) is WhisperMLAAttention else None
+            for own, layer in zip(self.own_cross, self.decoder.layers)
+        ]
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> StaticEncoderDecoderCache:
         """An empty cache for `batch` rows: the previous call's buffers when they fit (they are kept for reuse)."""
@@ -88,7 +93,8 @@ class DecoderRunner:
             mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
         for idx, layer in enumerate(self.decoder.layers):
             if self.own_cross[idx]:
-                hidden = self._layer(idx, layer, self.fused_qkv[idx], hidden, mask, cache, encoder_out)
+                fused = self.fused_qkv[idx] or self.fused_mla[idx]
+                hidden = self._layer(idx, layer, fused, hidden, mask, cache, encoder_out)
             else:
                 hidden = layer(hidden, attention_mask=mask, encoder_hidden_states=encoder_out, past_key_values=cache)
         if not all_logits:
@@ -96,14 +102,18 @@ class DecoderRunner:
         return self.proj_out(self.decoder.layer_norm(hidden))
 
     @staticmethod
-    def _layer(idx: int, layer: nn.Module, qkv: nn.Module | None, hidden, mask, cache: StaticEncoderDecoderCache,
-               encoder_out) -> torch.Tensor:
+    def _layer(idx: int, layer: nn.Module, fused: nn.Module | FusedMLA | None, hidden, mask,
+               cache: StaticEncoderDecoderCache, encoder_out) -> torch.Tensor:
         """A pre-norm Whisper decoder layer (as `WhisperDecoderLayer`, inference) with `cross_attention`,
-        and with `self_attention` when the layer has a fused `qkv` projection."""
+        and with `self_attention` (MHA) or `mla_self_attention` (MLA, single-token steps) when the layer
+        has fused projections."""
         residual = hidden
         normed = layer.self_attn_layer_norm(hidden)
-        if qkv is not None:
-            out = self_attention(layer.self_attn, qkv, normed, cache.self_attention_cache.layers[idx], mask)
+        attn = layer.self_attn
+        if isinstance(fused, FusedMLA) and hidden.shape[1] == 1 and attn.decode_mode == "absorbed":
+            out = mla_self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx])
+        elif isinstance(fused, nn.Module):
+            out = self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], mask)
         else:
             out, _ = layer.self_attn(normed, past_key_values=cache, attention_mask=mask)
         hidden = residual + out
@@ -119,14 +129,19 @@ class DecoderRunner:
 def fuse_qkv(attn: WhisperAttention) -> nn.Module:
     """One linear computing [q | k | v] of `attn` (k's missing bias as zeros); int8 per row if `attn`'s are int8."""
     parts = [float_weight_and_bias(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    weight = torch.cat([w for w, _ in parts])
-    bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+    return _linear_of([w for w, _ in parts], [b for _, b in parts], int8=is_quantized_linear(attn.q_proj))
+
+
+def _linear_of(weights: list[torch.Tensor], biases: list[torch.Tensor | None], int8: bool) -> nn.Module:
+    """One frozen linear stacking `weights`' rows (missing biases as zeros); int8 with a scale per row if asked."""
+    weight = torch.cat(weights)
+    bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
     fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
     fused.requires_grad_(False)
-    return quantize_linear_int8(fused) if is_quantized_linear(attn.q_proj) else fused
+    return quantize_linear_int8(fused) if int8 else fused
 
 
 def self_attention(
@@ -141,6 +156,48 @@ def self_attention(
         (q * attn.scaling).transpose(1, 2), keys, values, attn_mask=mask, scale=1.0
     )
     return attn.out_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+
+@dataclass
+class FusedMLA:
+    """An MLA layer's decode-step projections as one linear: [query | latent | kept key dims] of `x`.
+
+    The query part is what `WhisperMLAAttention.attend_latent` takes (U_k folded in when the module's
+    fold plan says so); `folded` is the module's folded weights at fusing time.
+    """
+
+    proj: nn.Module
+    widths: tuple[int, int, int]
+    folded: dict
+
+
+def fuse_mla(attn: WhisperMLAAttention) -> FusedMLA:
+    """`FusedMLA` for `attn`'s current weights and fold plan (int8 per row if `attn`'s projections are int8)."""
+    folded = attn.folded_weights()
+    if "q_weight" in folded:
+        query = (folded["q_weight"], folded["q_bias"])
+    else:
+        weight, bias = float_weight_and_bias(attn.q_proj)
+        query = (weight * attn.scaling, None if bias is None else bias * attn.scaling)
+    parts = [query, float_weight_and_bias(attn.kv_down)]
+    if attn.kept_proj is not None:
+        parts.append(float_weight_and_bias(attn.kept_proj))
+    proj = _linear_of([w for w, _ in parts], [b for _, b in parts], int8=is_quantized_linear(attn.q_proj))
+    widths = (parts[0][0].shape[0], attn.latent_dim, attn.num_heads * attn.kept_dims)
+    return FusedMLA(proj, widths, folded)
+
+
+def mla_self_attention(attn: WhisperMLAAttention, fused: FusedMLA, hidden: torch.Tensor,
+                       layer: StaticLayer) -> torch.Tensor:
+    """One decode step of MLA self-attention of `hidden` [B, 1, d]: one projection, then the absorbed path.
+
+    Caches the step's latent and kept key dims in `layer` as the module would.
+    """
+    batch, length, _ = hidden.shape
+    query, latent, kept = fused.proj(hidden).split(fused.widths, dim=-1)
+    kept = kept.view(batch, length, attn.num_heads, attn.kept_dims).transpose(1, 2)
+    latent, kept = layer.update(latent.unsqueeze(1), kept)
+    return attn.attend_latent(query, latent, kept, folded=fused.folded)[0]
 
 
 def cross_attention(

@@ -149,16 +149,39 @@ class WhisperMLAAttention(WhisperAttention):
         self, hidden_states: torch.Tensor, latent: torch.Tensor, kept: torch.Tensor, mask, need_weights: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Single-token decode straight from the latent cache, with the projections folded where chosen."""
-        batch, length = hidden_states.shape[:2]
-        heads, r = self.num_heads, self.kept_dims
-        folded = self._folded_weights()
+        folded = self.folded_weights()
         if "q_weight" in folded:
-            q = nn.functional.linear(hidden_states, folded["q_weight"], folded["q_bias"])
-            q_kept = q[..., : heads * r].view(batch, length, heads, r).transpose(1, 2)
-            q_latent = q[..., heads * r :].view(batch, length, heads, self.latent_dim).transpose(1, 2)
+            query = nn.functional.linear(hidden_states, folded["q_weight"], folded["q_bias"])
         else:
-            query = (self.q_proj(hidden_states) * self.scaling).view(batch, length, heads, self.head_dim)
-            query = query.transpose(1, 2)
+            query = self.q_proj(hidden_states) * self.scaling
+        return self.attend_latent(query, latent, kept, mask, folded=folded, need_weights=need_weights)
+
+    def attend_latent(
+        self,
+        query: torch.Tensor,
+        latent: torch.Tensor,
+        kept: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        folded: dict | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The absorbed path after the query projection: output [B, L, d] and (optionally) probabilities.
+
+        `query` [B, L, .] is q_proj's output times the attention scale [H*h], or, when U_k is folded
+        into q_proj (`folded_weights()` has "q_weight"), that projection's [H*r kept | H*d_c absorbed].
+        Split out so a caller that fuses the query projection with others (the engine's decode loop)
+        runs the same arithmetic. `folded` defaults to `folded_weights()`; passing it skips that
+        call's version check.
+        """
+        batch, length = query.shape[:2]
+        heads, r = self.num_heads, self.kept_dims
+        folded = self.folded_weights() if folded is None else folded
+        if "q_weight" in folded:
+            q_kept = query[..., : heads * r].view(batch, length, heads, r).transpose(1, 2)
+            q_latent = query[..., heads * r :].view(batch, length, heads, self.latent_dim).transpose(1, 2)
+        else:
+            query = query.view(batch, length, heads, self.head_dim).transpose(1, 2)
             q_kept, q_latent = query[..., :r], absorb_query(query[..., r:], self._up_k_heads())
         mixed, weights = latent_attention(q_latent, q_kept, latent, kept, mask, need_weights=need_weights)
         if "o_weight" in folded:
@@ -182,7 +205,7 @@ class WhisperMLAAttention(WhisperAttention):
         choice = fold_choice(self.num_heads, self.head_dim, self.kept_dims, self.latent_dim)
         return choice[0] and plain[0], choice[1] and plain[1]
 
-    def _folded_weights(self) -> dict[str, torch.Tensor | None]:
+    def folded_weights(self) -> dict[str, torch.Tensor | None]:
         """Folded projections for the current weights, rebuilt when any source tensor changes (e.g. training)."""
         fold_q, fold_o = self.fold_plan()
         if not (fold_q or fold_o):
