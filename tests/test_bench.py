@@ -15,7 +15,7 @@ from slimwhisper.bench.kv import bench_kv, max_batch
 from slimwhisper.cli import main
 from slimwhisper.engine.cache import StaticLayer
 from slimwhisper.errors import SlimWhisperError
-from slimwhisper.memory import kv_cache_bytes
+from slimwhisper.memory import decode_step_traffic, decoder_weight_bytes, kv_cache_bytes
 
 
 @pytest.fixture
@@ -41,6 +41,31 @@ def test_decode_bench_returns_positive_times_and_matching_bytes(tiny_model, slim
         assert b["held_self"] == b["analytic_self"] > 0 and b["held_cross"] == b["analytic_cross"] > 0, name
     assert result["cache_bytes"]["model"]["held_self"] < result["cache_bytes"]["baseline"]["held_self"]
     assert all(m.decode_mode == "absorbed" for m in slim.modules() if isinstance(m, sw.WhisperMLAAttention))
+    traffic = result["traffic"]
+    assert set(traffic["bytes_per_step"]) == {"baseline", "model", "baseline_static", "model_static"}
+    dynamic, static = traffic["bytes_per_step"]["model"], traffic["bytes_per_step"]["model_static"]
+    assert dynamic["self_cache"] == 3 * static["self_cache"] == 3 * result["cache_bytes"]["model"]["analytic_self"]
+    assert traffic["bound_speedup"]["model_static"] == (
+        traffic["bytes_per_step"]["baseline_static"]["total"] / static["total"]
+    ) > 1
+
+
+def test_step_traffic_counts_decoder_weights_once_and_caches_by_kind(tiny_model):
+    """Decoder layers + final norm + LM head (tied to the embedding: once); int8 linears one byte per weight."""
+    decoder = tiny_model.model.decoder
+    expected = sum(p.numel() * 4 for p in [*decoder.layers.parameters(), *decoder.layer_norm.parameters()])
+    expected += tiny_model.proj_out.weight.numel() * 4
+    assert tiny_model.proj_out.weight.data_ptr() == decoder.embed_tokens.weight.data_ptr()  # tied in this config
+    assert decoder_weight_bytes(tiny_model) == expected
+    int8 = sw.engine.quantize.quantize_dynamic_int8(tiny_model)
+    linear_weights = sum(m.weight.numel() for m in decoder.layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_weights += tiny_model.proj_out.weight.numel()
+    assert decoder_weight_bytes(int8) == expected - 3 * linear_weights  # 4 bytes -> 1 per linear weight
+    kv = kv_cache_bytes(tiny_model, 3, 7, torch.float32, 20)
+    for concatenated, factor in ((True, 3), (False, 1)):
+        t = decode_step_traffic(tiny_model, 3, 7, torch.float32, 20, concatenated=concatenated)
+        assert (t.self_cache, t.cross_cache) == (factor * kv.self_attention, kv.cross_attention)
+        assert t.total == t.weights + t.self_cache + t.cross_cache
 
 
 def test_decode_bench_adds_an_unfolded_entry_only_when_folding(tiny_model, slim):

@@ -72,3 +72,61 @@ def cache_bytes_held(cache) -> KVCacheBytes:
         )
 
     return KVCacheBytes(held(cache.self_attention_cache), held(cache.cross_attention_cache))
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """The least memory traffic of one decode step, in bytes: what a memory-bound step's time follows.
+
+    A step reads every decoder weight once (shared by the batch), the whole self-attention cache
+    (3 times when the cache grows by concatenation: attention reads it, and the concatenation reads
+    the old copy and writes the new one) and the cross-attention cache once.
+    """
+
+    weights: int
+    self_cache: int
+    cross_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.self_cache + self.cross_cache
+
+
+def decoder_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights one decode step reads: decoder layers, final norm and LM head.
+
+    Token and position embeddings are skipped (a step reads one row of each), unless tied to the LM
+    head, which reads all of it. Dynamic int8 linears count one byte per weight.
+    """
+    decoder = model.model.decoder
+    modules = [*decoder.layers.modules(), decoder.layer_norm, model.proj_out]
+    seen, total = set(), 0
+    for module in modules:
+        if type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None)):
+            # a dynamic int8 linear: its packed weight is unpacked into a fresh tensor per call (never tied)
+            bias = module.bias()
+            total += module.weight().numel() + (0 if bias is None else bias.numel() * bias.element_size())
+            continue
+        for t in module.parameters(recurse=False):
+            key = (t.data_ptr(), t.numel())  # tied weights (LM head = token embedding) count once
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def decode_step_traffic(
+    model: nn.Module,
+    batch: int,
+    cache_len: int,
+    dtype: torch.dtype = torch.float32,
+    encoder_frames: int | None = None,
+    concatenated: bool = True,
+) -> StepTraffic:
+    """`StepTraffic` of one decode step at `batch` rows with `cache_len` cached tokens.
+
+    `concatenated`: the self-attention cache grows by concatenation (Hugging Face's `DynamicCache`)
+    rather than being written in place (a static cache).
+    """
+    kv = kv_cache_bytes(model, batch, cache_len, dtype, encoder_frames)
+    return StepTraffic(decoder_weight_bytes(model), kv.self_attention * (3 if concatenated else 1), kv.cross_attention)

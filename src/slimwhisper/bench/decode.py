@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from ..engine.cache import StaticLayer
 from ..engine.quantize import QUANTIZE_CHOICES, quantize
 from ..errors import SlimWhisperError
-from ..memory import cache_bytes_held, kv_cache_bytes
+from ..memory import cache_bytes_held, decode_step_traffic, kv_cache_bytes
 from ..mla.modules import FOLD_MODES, WhisperMLAAttention, set_decode_mode
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
@@ -207,6 +207,7 @@ def time_decode(
             "analytic_self": analytic.self_attention,
             "analytic_cross": analytic.cross_attention,
         }
+    result["traffic"] = traffic_bound(models, caches, batch, cache_len, dtype, encoder_frames, baseline)
     result.update(
         batch=batch,
         cache_len=cache_len,
@@ -218,6 +219,38 @@ def time_decode(
         definition=DEFINITION,
     )
     return result
+
+
+def traffic_bound(
+    models: Mapping[str, nn.Module],
+    caches: tuple[str, ...],
+    batch: int,
+    cache_len: int,
+    dtype: torch.dtype,
+    encoder_frames: int | None,
+    baseline: str | None,
+) -> dict[str, Any]:
+    """Least bytes per step of each model and cache kind, and the speedup a memory-bound step could reach.
+
+    A decode step at large batch streams the cross-attention cache, the self-attention cache and the
+    weights; if its time followed those bytes, the baseline's bytes / a model's bytes is the most a
+    smaller cache can buy. Measured speedups far below it point at overhead; the bound itself says
+    what shrinking only the self-attention cache can ever give while the cross cache dominates.
+    """
+    out: dict[str, Any] = {"bytes_per_step": {}, "bound_speedup": {}}
+    for name, m in models.items():
+        for i, kind in enumerate(caches):
+            t = decode_step_traffic(m, batch, cache_len, dtype, encoder_frames, concatenated=kind == "dynamic")
+            out["bytes_per_step"][name + (f"_{kind}" if i else "")] = {
+                "weights": t.weights, "self_cache": t.self_cache, "cross_cache": t.cross_cache, "total": t.total,
+            }
+    per_step = out["bytes_per_step"]
+    for key, entry in per_step.items():
+        kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
+        ref = f"{baseline}_{kind}" if kind else baseline
+        if key != ref and ref in per_step:
+            out["bound_speedup"][key] = per_step[ref]["total"] / entry["total"]
+    return out
 
 
 def bench_decode(
@@ -270,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     if not finish_model_run(result, args, threads):
         for key, ms in result["ms_per_token"].items():
             speed = result.get("speedup", {}).get(key)
+            bound = result["traffic"]["bound_speedup"].get(key)
             print(f"{key:>28}: {ms:8.2f} ms/step  {result['tokens_per_s'][key]:8.1f} tok/s"
-                  + (f"  {speed:.2f}x vs baseline" if speed else ""))
+                  + (f"  {speed:.2f}x vs baseline" if speed else "")
+                  + (f" (memory-traffic bound {bound:.2f}x)" if bound else ""))
     return 0
