@@ -17,6 +17,11 @@ into preallocated buffers and hands attention length-sliced views. `--quantize i
 models with the engine's int8 linears; MLA models decode absorbed, folding the up-projections into
 q_proj/out_proj where SPEC 3.3 says it is cheaper (`--fold` forces it), and a model that folds gets
 a "model_unfolded" entry too.
+
+`traffic` puts the timings next to the least bytes a step must move (`memory.decode_step_traffic`:
+weights, the self-attention cache, three times over for a concatenated cache, and the cross cache)
+and the speedup those bytes would allow a memory-bound step ("bound_speedup"): at large batch the
+cross-attention cache is most of it, so shrinking only the self-attention cache buys little.
 """
 from __future__ import annotations
 

@@ -12,8 +12,11 @@ for one query row per head over 1500 frames that is faster than SDPA over [B, H,
 batch 8, 10% at batch 1, one thread). Ordinary self-attention runs `self_attention`, with q, k and v
 projected by one fused linear (int8 with a scale per row when the model is quantised): at batch 1 a
 small projection costs mostly per call, not per weight, so one call instead of three takes one
-layer's self-attention from about 0.5 ms (the HF module, int8) to about 0.3 ms. MLA attention and
-other devices keep the model's own modules.
+layer's self-attention from about 0.5 ms (the HF module, int8) to about 0.3 ms. MLA self-attention
+steps likewise project [query | latent | kept key dims] with one fused linear (`mla_self_attention`),
+then run the module's own absorbed arithmetic (`WhisperMLAAttention.attend_latent`); its prefill,
+MLA cross-attention and other devices keep the model's own modules. Fused weights are copies made
+when the runner is built: a runner does not follow later changes to the model's weights.
 """
 from __future__ import annotations
 
