@@ -201,7 +201,7 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
     manifest = write_clips(tmp_path / "d", n=3)
     out = tmp_path / "e2e.json"
     argv = ["bench", "e2e", "--model", str(tmp_path / "m"), "--data", str(manifest), "--batch", "2", "--json",
-            "--out", str(out)]
+            "--out", str(out), "--per-token-rounds", "3"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
@@ -221,6 +221,8 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
         assert all(v > 0 for v in figures["ms_per_token"].values())
         assert figures["tokens"]["slimwhisper_fp32"] == figures["tokens"]["hf_generate"] > 0
         assert figures["speedup_vs_hf_generate"]["slimwhisper"] > 0
+        assert figures["rounds"] == 3 and all(len(r) == 3 for r in figures["rounds_s"].values())
+        assert figures["decode_s"]["hf_generate"] == pytest.approx(min(figures["rounds_s"]["hf_generate"]), abs=1e-3)
 
 
 def test_bench_e2e_compiled_system_is_opt_in_and_reports_compile_time(tmp_path, capsys, monkeypatch):

@@ -21,9 +21,10 @@ during the timed pass (0 = no compile leaked into rtf), `graph_breaks` those of 
 
 `per_token` isolates the decoder: every 30-s window is encoded once (model precision), then each torch
 system decodes the same encoder outputs in the same batches, greedy, without timestamps or fallback,
-in interleaved rounds (A B B A); ms_per_token = the fastest round's decode wall time / tokens generated
-(EOT included), at the run's batch over all windows and at batch 1 over the first 16. This is where
-`generate`'s per-step overhead shows, which end-to-end figures dilute with feature extraction and the encoder.
+in interleaved rounds (A B B A, 4 by default: `--per-token-rounds`); ms_per_token = the fastest
+round's decode wall time / tokens generated (EOT included), at the run's batch over all windows and
+at batch 1 over the first 16. This is where `generate`'s per-step overhead shows, which end-to-end
+figures dilute with feature extraction and the encoder.
 "slimwhisper_compiled" has no per-token figure: its decoder is "slimwhisper_fp32"'s (only the encoder is compiled).
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS + OPT_IN_SYSTEMS, default=list(SYSTEMS),
                    help=f"default: {' '.join(SYSTEMS)}; opt-in: {' '.join(OPT_IN_SYSTEMS)} (torch.compile'd encoder)")
     p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
+    p.add_argument("--per-token-rounds", type=int, default=4,
+                   help="interleaved rounds of the per-token comparison (the fastest counts: more rounds, "
+                   "steadier figures on a busy machine)")
     p.add_argument("--per-token-windows", type=int, default=16,
                    help="windows decoded one at a time for the batch-1 per-token figure (default 16)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -180,7 +184,7 @@ def _prompt_length(seqs, prompt: list[int]) -> int:
     return len(prompt) if head == prompt else 0
 
 
-def per_token(model, processor, audios, language: str | None, batch: int, systems, rounds: int = 2,
+def per_token(model, processor, audios, language: str | None, batch: int, systems, rounds: int = 4,
               max_windows: int | None = None) -> dict:
     """Decoder-only ms per generated token of the engine (fp32, int8) and `generate` on shared encoder outputs.
 
@@ -239,7 +243,8 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
             times[name].append(time.perf_counter() - t0)
     ms = {name: 1000 * min(ts) / tokens[name] for name, ts in times.items()}
     result = {"ms_per_token": ms, "tokens": tokens, "windows": len(windows), "batch": batch, "rounds": rounds,
-              "decode_s": {name: min(ts) for name, ts in times.items()}}
+              "decode_s": {name: min(ts) for name, ts in times.items()},
+              "rounds_s": {name: [round(t, 3) for t in ts] for name, ts in times.items()}}
     if "hf_generate" in ms:
         result["speedup_vs_hf_generate"] = {n: ms["hf_generate"] / v for n, v in ms.items() if n != "hf_generate"}
     return result
@@ -249,9 +254,12 @@ def _per_token_runs(model, processor, audios, language, args, systems) -> dict |
     """Decoder-only per-token figures at the run's batch (all windows) and, sequential-style, at batch 1."""
     if not systems or args.no_per_token:
         return None
-    out = {f"batch_{args.batch}": per_token(model, processor, audios, language, args.batch, systems)}
+    if args.per_token_rounds < 1:
+        raise SlimWhisperError(f"--per-token-rounds must be at least 1, got {args.per_token_rounds}")
+    rounds = args.per_token_rounds
+    out = {f"batch_{args.batch}": per_token(model, processor, audios, language, args.batch, systems, rounds)}
     if args.batch != 1:
-        out["batch_1"] = per_token(model, processor, audios, language, 1, systems,
+        out["batch_1"] = per_token(model, processor, audios, language, 1, systems, rounds,
                                    max_windows=args.per_token_windows)
     return out
 
