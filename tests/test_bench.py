@@ -9,7 +9,7 @@ import torch
 
 import slimwhisper as sw
 from slimwhisper.bench import common
-from slimwhisper.bench.decode import bench_decode, prepare_decode
+from slimwhisper.bench.decode import bench_decode, prepare_decode, prepare_engine_decode
 from slimwhisper.bench.encoder import bench_encoder
 from slimwhisper.bench.kv import bench_kv, max_batch
 from slimwhisper.cli import main
@@ -48,6 +48,28 @@ def test_decode_bench_returns_positive_times_and_matching_bytes(tiny_model, slim
     assert traffic["bound_speedup"]["model_static"] == (
         traffic["bytes_per_step"]["baseline_static"]["total"] / static["total"]
     ) > 1
+
+
+@pytest.mark.parametrize("self_only", [True, False])
+def test_engine_decode_step_equals_the_hf_step_and_is_timed_as_its_own_kind(tiny_model, self_only):
+    """The "engine" kind times the Transcriber's decode step: same logits as the HF step on the same prefill
+    (MHA and MLA, self-only or self + cross), step after step, and the cache is cropped back each time."""
+    modules = ("decoder_self",) if self_only else ("decoder_self", "decoder_cross")
+    slim = sw.convert(tiny_model, sw.MLAConfig(kv_reduction=0.75, kept_dims=2, factorization="joint",
+                                               modules=modules))
+    for m in (tiny_model, slim):
+        hf, engine = prepare_decode(m, 2, 6, 20), prepare_engine_decode(m, 2, 6, 20)
+        with torch.inference_mode():
+            for _ in range(2):
+                torch.testing.assert_close(engine.step(), hf.step()[:, -1], atol=1e-4, rtol=1e-4)
+        assert engine.cache.get_seq_length() == hf.cache.get_seq_length() == 6
+    result = bench_decode(slim, tiny_model, batch=2, cache_len=6, repeats=2, warmup=1, caches=("dynamic", "engine"),
+                          encoder_frames=20, materialized=False)
+    assert set(result["ms_per_token"]) == {"baseline", "model", "baseline_engine", "model_engine"}
+    assert set(result["speedup_same_cache"]) == {"model", "model_engine"}
+    assert result["traffic"]["bytes_per_step"]["model_engine"]["self_cache"] == (
+        result["cache_bytes"]["model"]["analytic_self"]  # written in place: read once
+    )
 
 
 def test_step_traffic_counts_decoder_weights_once_and_caches_by_kind(tiny_model):

@@ -13,7 +13,9 @@ are timed); after every timed step the cache is cropped back to `cache_len`. Mod
 turns (A B A B ...) after a warm-up and the medians compared, so machine noise hits all of them.
 Cache kinds: "dynamic" is Hugging Face's `DynamicCache` (concatenates the whole cache every step,
 as `generate` does); "static" is the transcription engine's own `engine.cache.StaticLayer`: writes
-into preallocated buffers and hands attention length-sliced views. `--quantize int8` times both
+into preallocated buffers and hands attention length-sliced views. "engine" times the transcription
+engine's own decode step (`engine.decode.DecoderRunner`: its static cache, fused projections and,
+on a CPU, its own cross-attention), i.e. what `Transcriber` users get per token. `--quantize int8` times both
 models with the engine's int8 linears; MLA models decode absorbed, folding the up-projections into
 q_proj/out_proj where SPEC 3.3 says it is cheaper (`--fold` forces it), and a model that folds gets
 a "model_unfolded" entry too.
@@ -35,14 +37,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
-from ..engine.cache import StaticLayer
+from ..engine.cache import StaticEncoderDecoderCache, StaticLayer
+from ..engine.decode import DecoderRunner
 from ..engine.quantize import QUANTIZE_CHOICES, quantize
 from ..errors import SlimWhisperError
 from ..memory import cache_bytes_held, decode_step_traffic, kv_cache_bytes
 from ..mla.modules import FOLD_MODES, WhisperMLAAttention, set_decode_mode
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
-CACHE_KINDS = ("dynamic", "static")
+CACHE_KINDS = ("dynamic", "static", "engine")
 DEFINITION = (
     "ms_per_token = median wall time (ms) of one decoder step for the whole batch (decoder forward on one new "
     "token per sequence + LM head) with cache_len cached tokens and cross-attention over encoder_frames frames"
@@ -80,6 +83,40 @@ class DecodeStepper:
         return logits
 
 
+@dataclass
+class EngineStepper:
+    """The engine's decode step on a cache prefilled with `cache_len` tokens; `step()` decodes one and crops back."""
+
+    runner: DecoderRunner
+    cache: StaticEncoderDecoderCache
+    encoder_states: torch.Tensor
+    tokens: torch.Tensor
+    cache_len: int
+
+    def step(self) -> torch.Tensor:
+        logits = self.runner(self.tokens, self.cache, self.encoder_states)
+        self.cache.self_attention_cache.crop(self.cache_len - self.cache.get_seq_length())
+        return logits
+
+
+@torch.inference_mode()
+def prepare_engine_decode(model: nn.Module, batch: int, cache_len: int, encoder_frames: int | None = None,
+                          seed: int = 0) -> EngineStepper:
+    """An `EngineStepper` for `model` (its MLA modules' current fold setting is fused into the runner)."""
+    config = model.config
+    frames = config.max_source_positions if encoder_frames is None else encoder_frames
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    gen = torch.Generator().manual_seed(seed)
+    encoder_states = torch.randn(1, frames, config.d_model, generator=gen).to(param.device, param.dtype)
+    encoder_states = encoder_states.expand(batch, -1, -1).contiguous()
+    prompt = torch.randint(0, config.vocab_size, (1, cache_len), generator=gen).expand(batch, -1).to(param.device)
+    runner = DecoderRunner(model)
+    cache = runner.new_cache(batch, cache_len + 1, param.dtype)
+    runner(prompt, cache, encoder_states)
+    tokens = torch.randint(0, config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed + 1))
+    return EngineStepper(runner, cache, encoder_states, tokens.to(param.device), cache_len)
+
+
 @torch.inference_mode()
 def prepare_decode(
     model: nn.Module,
@@ -99,6 +136,8 @@ def prepare_decode(
     """
     if cache not in CACHE_KINDS:
         raise SlimWhisperError(f"unknown cache kind {cache!r}; choose from {', '.join(CACHE_KINDS)}")
+    if cache == "engine":
+        raise SlimWhisperError("the engine's decode step is prepared by prepare_engine_decode")
     config = model.config
     frames = config.max_source_positions if encoder_frames is None else encoder_frames
     if batch < 1 or cache_len < 1:
@@ -159,19 +198,28 @@ def time_decode(
     """
     if not caches:
         raise SlimWhisperError("give at least one cache kind")
-    steppers: dict[str, DecodeStepper] = {}
+    steppers: dict[str, DecodeStepper | EngineStepper] = {}
     before: dict[str, Callable[[], None]] = {}
     for name, m in models.items():
         first = None
         for i, kind in enumerate(caches):
             suffix = f"_{kind}" if i else ""
-            stepper = prepare_decode(m, batch, cache_len, encoder_frames, kind, shared=first)
-            first = first or stepper
+            if kind == "engine":  # the runner fuses the fold plan when it is built: one runner per plan
+                if is_mla(m):
+                    set_decode_mode(m, "absorbed", fold)
+                stepper = prepare_engine_decode(m, batch, cache_len, encoder_frames)
+            else:
+                stepper = prepare_decode(m, batch, cache_len, encoder_frames, kind, shared=first)
+                first = first or stepper
             steppers[name + suffix] = stepper
             if is_mla(m):
                 before[name + suffix] = _mode_switch(m, "absorbed", fold)
                 if fold != "never" and folds_anything(m, fold):
-                    steppers[f"{name}_unfolded{suffix}"] = stepper
+                    unfolded = stepper
+                    if kind == "engine":
+                        set_decode_mode(m, "absorbed", "never")
+                        unfolded = prepare_engine_decode(m, batch, cache_len, encoder_frames)
+                    steppers[f"{name}_unfolded{suffix}"] = unfolded
                     before[f"{name}_unfolded{suffix}"] = _mode_switch(m, "absorbed", "never")
                 if materialized:
                     steppers[f"{name}_materialized{suffix}"] = stepper
@@ -280,8 +328,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--encoder-frames", type=int, help="cross-attention length (default 1500 = 30 s)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per model (interleaved)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--cache", choices=(*CACHE_KINDS, "both"), default="dynamic",
-                   help="dynamic (HF DynamicCache, as generate), static (preallocated buffers) or both")
+    p.add_argument("--cache", choices=(*CACHE_KINDS, "both", "all"), default="dynamic",
+                   help="dynamic (HF DynamicCache, as generate), static (preallocated buffers), both of those, "
+                   "engine (the Transcriber's own decode step) or all three")
     p.add_argument("--no-materialized", action="store_true", help="skip the MLA materialised-decode entry")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantise both models as the engine does (int8 linears, CPU) before timing")
@@ -298,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize:
         model = quantize(model, args.quantize)
         baseline = quantize(baseline, args.quantize) if baseline is not None else None
-    caches = CACHE_KINDS if args.cache == "both" else (args.cache,)
+    caches = {"both": ("dynamic", "static"), "all": CACHE_KINDS}.get(args.cache, (args.cache,))
     result = bench_decode(
         model, baseline, batch=args.batch, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
