@@ -21,7 +21,7 @@ from typing import Any
 
 import slimwhisper as sw
 from slimwhisper.bench.common import load_for_bench, run_metadata, set_threads, write_json
-from slimwhisper.bench.decode import time_decode
+from slimwhisper.bench.decode import CACHE_KINDS, time_decode
 from slimwhisper.engine.quantize import QUANTIZE_CHOICES, quantize
 
 
@@ -102,7 +102,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"cross-attention over {cells[0]['encoder_frames']} frames. Speedup = MHA time / variant time with the same "
         "cache kind (> 1 = faster), from medians, then in brackets from the fastest repeats (interference only "
         "adds time, so the minimum is less sensitive to load); dynamic = HF DynamicCache (concatenates every "
-        "step, as generate), static = preallocated buffers.",
+        "step, as generate), static = preallocated buffers, engine = the Transcriber's own decode step.",
         "",
         "| model | cache | batch | cache len | MHA ms/step | " + " | ".join(variant_label(v) for v in variants) + " |",
         "|---|---|---|---|---|" + "---|" * len(variants),
@@ -161,7 +161,8 @@ def main() -> None:
     p.add_argument("--reductions", nargs="+", type=float, default=[0.75, 0.875])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--cache-lens", nargs="+", type=int, default=[64, 200, 400])
-    p.add_argument("--caches", nargs="+", choices=("dynamic", "static"), default=["dynamic"])
+    p.add_argument("--caches", nargs="+", choices=CACHE_KINDS, default=["dynamic"],
+                   help="dynamic (as generate), static (in-place buffers), engine (the Transcriber's decode step)")
     p.add_argument("--with-cross", action="store_true", help="also MLA on decoder cross-attention")
     p.add_argument("--no-materialized", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
