@@ -454,21 +454,30 @@ def test_fused_self_attention_equals_whisper_attention(int8):
     assert ours.get_seq_length() == ref.get_seq_length() == 5
 
 
-@pytest.mark.parametrize("kept,fold,int8", [
-    (0, "never", False), (2, "never", False), (2, "always", False), (0, "always", False), (2, "never", True),
+@pytest.mark.parametrize("kept,fold,int8,engine_fold", [
+    (0, "never", False, None), (2, "never", False, None), (2, "always", False, None), (0, "always", False, None),
+    (2, "never", True, None), (2, "auto", True, None), (2, "never", True, (True, True)),
+    (0, "never", False, (True, False)),
 ])
-def test_fused_mla_step_equals_the_modules_absorbed_decode(kept, fold, int8):
+def test_fused_mla_step_equals_the_modules_absorbed_decode(kept, fold, int8, engine_fold):
     """One decode step through the engine's fused [query | latent | kept] projection gives the MLA module's
-    absorbed output and cache, folded or not, with kept key dims or none, float or int8 (per-row scales)."""
+    absorbed output and cache, folded or not (as the module's plan says, or as the engine is told, int8
+    included), with kept key dims or none, float or int8 (per-row scales)."""
     config = sw.MLAConfig(kv_reduction=0.75, kept_dims=kept, factorization="joint")
     slim = sw.convert(tiny_whisper(seed=6).eval(), config)
     sw.mla.modules.set_decode_mode(slim, "absorbed", fold=fold)
     if int8:
         slim = sw.engine.quantize.quantize_dynamic_int8(slim)
     attn = slim.model.decoder.layers[1].self_attn
-    fused = fuse_mla(attn)
+    fused = fuse_mla(attn, engine_fold)
     assert (type(fused.proj).__module__.startswith("torch.ao.nn.quantized")) == int8
-    assert ("q_weight" in fused.folded) == (fold == "always" and not int8)
+    if engine_fold:
+        expected_fold = engine_fold
+    elif int8:  # int8 folds only when the engine is told to (it costs accuracy)
+        expected_fold = (False, False)
+    else:
+        expected_fold = (fold == "always", fold == "always")
+    assert (fused.query_folded, fused.output is not None) == expected_fold
     ours = StaticEncoderDecoderCache.for_model(slim, batch=2, max_len=8)
     ref = StaticEncoderDecoderCache.for_model(slim, batch=2, max_len=8)
     gen = torch.Generator().manual_seed(0)

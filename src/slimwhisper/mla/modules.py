@@ -154,7 +154,11 @@ class WhisperMLAAttention(WhisperAttention):
             query = nn.functional.linear(hidden_states, folded["q_weight"], folded["q_bias"])
         else:
             query = self.q_proj(hidden_states) * self.scaling
-        return self.attend_latent(query, latent, kept, mask, folded=folded, need_weights=need_weights)
+        output = None
+        if "o_weight" in folded:
+            output = lambda z: nn.functional.linear(z, folded["o_weight"], folded["o_bias"])  # noqa: E731
+        return self.attend_latent(query, latent, kept, mask, query_folded="q_weight" in folded, output=output,
+                                  need_weights=need_weights)
 
     def attend_latent(
         self,
@@ -163,31 +167,30 @@ class WhisperMLAAttention(WhisperAttention):
         kept: torch.Tensor,
         mask: torch.Tensor | None = None,
         *,
-        folded: dict | None = None,
+        query_folded: bool = False,
+        output: Callable[[torch.Tensor], torch.Tensor] | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The absorbed path after the query projection: output [B, L, d] and (optionally) probabilities.
 
-        `query` [B, L, .] is q_proj's output times the attention scale [H*h], or, when U_k is folded
-        into q_proj (`folded_weights()` has "q_weight"), that projection's [H*r kept | H*d_c absorbed].
-        Split out so a caller that fuses the query projection with others (the engine's decode loop)
-        runs the same arithmetic. `folded` defaults to `folded_weights()`; passing it skips that
-        call's version check.
+        `query` [B, L, .] is q_proj's output times the attention scale [H*h], or with `query_folded`
+        (U_k folded into q_proj) [H*r kept | H*d_c absorbed]. `output`, when given, maps the mixed
+        latents [B, L, H*d_c] to the output (U_v folded into out_proj); otherwise U_v then out_proj.
+        Split out so a caller that builds these projections its own way (the engine's decode loop
+        fuses and quantises them) runs the same attention arithmetic.
         """
         batch, length = query.shape[:2]
         heads, r = self.num_heads, self.kept_dims
-        folded = self.folded_weights() if folded is None else folded
-        if "q_weight" in folded:
+        if query_folded:
             q_kept = query[..., : heads * r].view(batch, length, heads, r).transpose(1, 2)
             q_latent = query[..., heads * r :].view(batch, length, heads, self.latent_dim).transpose(1, 2)
         else:
             query = query.view(batch, length, heads, self.head_dim).transpose(1, 2)
-            q_kept, q_latent = query[..., :r], absorb_query(query[..., r:], self._up_k_heads())
+            q_kept, q_latent = query[..., :r], absorb_query(query[..., r:], self.up_k_heads())
         mixed, weights = latent_attention(q_latent, q_kept, latent, kept, mask, need_weights=need_weights)
-        if "o_weight" in folded:
-            z = mixed.transpose(1, 2).reshape(batch, length, heads * self.latent_dim)
-            return nn.functional.linear(z, folded["o_weight"], folded["o_bias"]), weights
-        out = expand_values(mixed, self._up_v_heads(), self._bias_v_heads())
+        if output is not None:
+            return output(mixed.transpose(1, 2).reshape(batch, length, heads * self.latent_dim)), weights
+        out = expand_values(mixed, self.up_v_heads(), self.bias_v_heads())
         return self.out_proj(out.reshape(batch, length, -1)), weights
 
     def fold_plan(self, fold: str | None = None) -> tuple[bool, bool]:
@@ -221,12 +224,12 @@ class WhisperMLAAttention(WhisperAttention):
             # ordinary tensors even when first built under inference_mode, so a later no-grad call can use them
             with torch.inference_mode(False), torch.no_grad():
                 if fold_q:
-                    w, b = fold_query(self.q_proj.weight, self.q_proj.bias, self._up_k_heads(), self.kept_dims,
+                    w, b = fold_query(self.q_proj.weight, self.q_proj.bias, self.up_k_heads(), self.kept_dims,
                                       self.scaling)
                     folded["q_weight"], folded["q_bias"] = w.to(dtype), None if b is None else b.to(dtype)
                 if fold_o:
-                    w, b = fold_output(self.out_proj.weight, self.out_proj.bias, self._up_v_heads(),
-                                       self._bias_v_heads())
+                    w, b = fold_output(self.out_proj.weight, self.out_proj.bias, self.up_v_heads(),
+                                       self.bias_v_heads())
                     folded["o_weight"], folded["o_bias"] = w.to(dtype), None if b is None else b.to(dtype)
             self._folded = (key, folded)
         return self._folded[1]
@@ -235,13 +238,16 @@ class WhisperMLAAttention(WhisperAttention):
         """Absorb only when decoding one token from a cache (prefill and training materialise)."""
         return self.decode_mode == "absorbed" and cache is not None and query_length == 1 and not self.training
 
-    def _up_k_heads(self) -> torch.Tensor:
+    def up_k_heads(self) -> torch.Tensor:
+        """U_k per head [H, h - r, d_c] (a view of up_k's weight)."""
         return self.up_k.weight.view(self.num_heads, self.comp_dims, self.latent_dim)
 
-    def _up_v_heads(self) -> torch.Tensor:
+    def up_v_heads(self) -> torch.Tensor:
+        """U_v per head [H, h, d_c] (a view of up_v's weight)."""
         return self.up_v.weight.view(self.num_heads, self.head_dim, self.latent_dim)
 
-    def _bias_v_heads(self) -> torch.Tensor | None:
+    def bias_v_heads(self) -> torch.Tensor | None:
+        """up_v's bias per head [H, h], or None."""
         return None if self.up_v.bias is None else self.up_v.bias.view(self.num_heads, self.head_dim)
 
 
