@@ -13,7 +13,9 @@ from slimwhisper.mla.math import (
     fold_query,
     head_permutation,
     kept_dim_indices,
+    latent_attention,
     low_rank_projection,
+    prefer_sdpa,
     split_head_dims,
 )
 
@@ -173,3 +175,29 @@ def test_folded_projections_equal_the_unfolded_chain(r, bias):
     ref_y = torch.nn.functional.linear(o.reshape(7, -1), w_o.double(), None if b_o is None else b_o.double())
     wo_f, bo_f = fold_output(w_o, b_o, up_v, b_v)
     torch.testing.assert_close(torch.nn.functional.linear(z.reshape(7, -1), wo_f, bo_f), ref_y)
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+def test_latent_attention_kernels_agree_and_the_choice_follows_threads_and_size(kept):
+    """SDPA and the two-matmul form give the same mixed latent (with a causal mask too); a multi-threaded
+    CPU switches to the matmuls once batch x tokens reaches 400, a single thread keeps SDPA."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, tokens, d_c = 2, 3, 250, 8
+    q_lat, q_kept = torch.randn(batch, heads, 2, d_c, generator=gen), torch.randn(batch, heads, 2, kept, generator=gen)
+    latent, k_kept = torch.randn(batch, 1, tokens, d_c, generator=gen), torch.randn(batch, heads, tokens, kept,
+                                                                                   generator=gen)
+    causal = torch.ones(2, tokens, dtype=torch.bool).tril(tokens - 2)[None, None]
+    threads = torch.get_num_threads()
+    try:
+        for mask in (None, causal):
+            reference, probs = latent_attention(q_lat, q_kept, latent, k_kept, mask, need_weights=True)
+            assert probs is not None
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert prefer_sdpa(latent) == (n == 1)  # 2 x 250 = 500 >= 400
+                assert prefer_sdpa(latent[:, :, :150]) is True  # 300 < 400
+                mixed, none = latent_attention(q_lat, q_kept, latent, k_kept, mask, need_weights=False)
+                assert none is None
+                torch.testing.assert_close(mixed, reference, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

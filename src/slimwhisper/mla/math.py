@@ -135,6 +135,21 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def prefer_sdpa(latent: torch.Tensor) -> bool:
+    """Whether the fused SDPA kernel beats two plain matmuls for reading this latent cache [B, 1, T, d_c].
+
+    On a CPU with several threads, SDPA over the latent (one key "head", the heads as query rows)
+    scales badly: measured with 2 threads on a 2-core Xeon, d_c = 192, 6 heads, one query token,
+    it took 2.8x the matmuls' time at batch 32 with 400 cached tokens (and more than with one
+    thread), 1.2x at batch 1 with 400; it won only on short caches (batch 1, up to ~200 tokens).
+    So a multi-threaded CPU takes the matmuls once batch x tokens reaches 400; GPUs and single
+    threads keep SDPA.
+    """
+    if latent.device.type != "cpu" or torch.get_num_threads() == 1:
+        return True
+    return latent.shape[0] * latent.shape[-2] < 400
+
+
 def latent_attention(
     q_latent: torch.Tensor,
     q_kept: torch.Tensor,
@@ -157,16 +172,17 @@ def latent_attention(
         q_kept: the kept-dim part of the queries [B, H, L, r] (r may be 0).
         latent: cached latent [B, 1, T, d_c]; k_kept: cached kept key dims [B, H, T, r].
         attention_mask: additive float or boolean (True = attend) mask broadcastable to [B, H, L, T].
-        need_weights: return the attention probabilities; False takes the fused SDPA kernel
-            (latent as both key and value, scale 1) and returns None for them.
+        need_weights: return the attention probabilities; False may take the fused SDPA kernel
+            (latent as both key and value, scale 1; see `prefer_sdpa`) and returns None for them.
     """
     batch, heads, length, _ = q_latent.shape
     r, tokens = k_kept.shape[-1], latent.shape[-2]
+    fused = not need_weights and prefer_sdpa(latent)
     q_flat = q_latent.reshape(batch, heads * length, -1)  # [B, H*L, d_c]
     c = latent[:, 0]  # [B, T, d_c], a view
     bias = q_kept @ k_kept.transpose(-1, -2) if r else None  # exact part of the score [B, H, L, T]
     mask = None if attention_mask is None else attention_mask[..., :tokens]
-    if not need_weights:
+    if fused:
         if mask is not None:
             mask = mask.expand(batch, heads, length, tokens)
             if bias is not None:
@@ -188,7 +204,7 @@ def latent_attention(
     probs = scores.float().softmax(dim=-1).to(q_latent.dtype)
     # rows of probs sum to 1, so the value bias adds after mixing the latent: z = sum_t p_t c_t
     mixed = torch.bmm(probs.reshape(batch, heads * length, tokens), c).view(batch, heads, length, -1)
-    return mixed, probs
+    return mixed, probs if need_weights else None
 
 
 def absorbed_attention(
