@@ -97,7 +97,7 @@ class DecoderRunner:
             mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[None, None]
         for idx, layer in enumerate(self.decoder.layers):
             if self.own_cross[idx]:
-                fused = self.fused_qkv[idx] or self.fused_mla[idx]
+                fused = self.fused_qkv[idx] if self.fused_qkv[idx] is not None else self.fused_mla[idx]
                 hidden = self._layer(idx, layer, fused, hidden, mask, cache, encoder_out)
             else:
                 hidden = layer(hidden, attention_mask=mask, encoder_hidden_states=encoder_out, past_key_values=cache)
@@ -182,9 +182,9 @@ def fuse_mla(attn: WhisperMLAAttention, fold: tuple[bool, bool] | None = None) -
     `fold` (fold U_k into the query, fold U_v into the output) defaults to the module's own fold plan,
     which never folds int8 layers. Folding is done here from dequantised weights, so int8 layers can
     be told to: their folded projections become int8 matmuls in place of two float per-head products
-    (a few per cent faster per token for tiny.en MLA 75% at batch 1 and 8), but quantising the folded weights cost
-    accuracy (WER 6.97 -> 7.25% on the 43 English realspeech clips, 8.07 -> 8.72% on synth-en-test),
-    so it is not the default.
+    (a few per cent faster per token for tiny.en MLA 75% at batch 1 and 8), but quantising the folded
+    weights cost accuracy (WER 6.97 -> 7.25% on the 43 English realspeech clips, 8.07 -> 8.72% on
+    synth-en-test), so it is not the default.
     """
     int8 = is_quantized_linear(attn.q_proj)
     fold_q, fold_o = attn.fold_plan() if fold is None else fold

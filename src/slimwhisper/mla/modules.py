@@ -18,6 +18,7 @@ weights are derived on first use and rebuilt whenever the weights they come from
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -156,7 +157,7 @@ class WhisperMLAAttention(WhisperAttention):
             query = self.q_proj(hidden_states) * self.scaling
         output = None
         if "o_weight" in folded:
-            output = lambda z: nn.functional.linear(z, folded["o_weight"], folded["o_bias"])  # noqa: E731
+            output = partial(nn.functional.linear, weight=folded["o_weight"], bias=folded["o_bias"])
         return self.attend_latent(query, latent, kept, mask, query_folded="q_weight" in folded, output=output,
                                   need_weights=need_weights)
 
