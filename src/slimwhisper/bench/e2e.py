@@ -254,8 +254,6 @@ def _per_token_runs(model, processor, audios, language, args, systems) -> dict |
     """Decoder-only per-token figures at the run's batch (all windows) and, sequential-style, at batch 1."""
     if not systems or args.no_per_token:
         return None
-    if args.per_token_rounds < 1:
-        raise SlimWhisperError(f"--per-token-rounds must be at least 1, got {args.per_token_rounds}")
     rounds = args.per_token_rounds
     out = {f"batch_{args.batch}": per_token(model, processor, audios, language, args.batch, systems, rounds)}
     if args.batch != 1:
@@ -269,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import open_dataset
     from ..loading import load
 
+    if args.per_token_rounds < 1:  # checked before the timed runs, not after them
+        raise SlimWhisperError(f"--per-token-rounds must be at least 1, got {args.per_token_rounds}")
     threads = set_threads(args.threads)
     samples = list(open_dataset(args.data, keep_language=args.language, limit=args.limit))
     if not samples:
