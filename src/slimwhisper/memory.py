@@ -98,12 +98,14 @@ def decoder_weight_bytes(model: nn.Module) -> int:
     Token and position embeddings are skipped (a step reads one row of each), unless tied to the LM
     head, which reads all of it. Dynamic int8 linears count one byte per weight.
     """
+    from .engine.quantize import is_quantized_linear
+
     decoder = model.model.decoder
     modules = [*decoder.layers.modules(), decoder.layer_norm, model.proj_out]
     seen, total = set(), 0
     for module in modules:
-        if type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None)):
-            # a dynamic int8 linear: its packed weight is unpacked into a fresh tensor per call (never tied)
+        if is_quantized_linear(module):
+            # its packed weight is unpacked into a fresh tensor per call (never tied)
             bias = module.bias()
             total += module.weight().numel() + (0 if bias is None else bias.numel() * bias.element_size())
             continue

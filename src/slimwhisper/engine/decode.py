@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
-from ..mla.math import fold_output, fold_query
 from ..mla.modules import WhisperMLAAttention
 from .cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from .quantize import float_weight_and_bias, is_quantized_linear, quantize_linear_int8
@@ -186,24 +185,21 @@ def fuse_mla(attn: WhisperMLAAttention, fold: tuple[bool, bool] | None = None) -
     weights cost accuracy (WER 6.97 -> 7.25% on the 43 English realspeech clips, 8.07 -> 8.72% on
     synth-en-test), so it is not the default.
     """
-    int8 = is_quantized_linear(attn.q_proj)
     fold_q, fold_o = attn.fold_plan() if fold is None else fold
     weight, bias = float_weight_and_bias(attn.q_proj)
+    folded = attn.fold_projections((weight, bias) if fold_q else None,
+                                   float_weight_and_bias(attn.out_proj) if fold_o else None)
     if fold_q:
-        folded_w, folded_b = fold_query(weight, bias, attn.up_k_heads(), attn.kept_dims, attn.scaling)
-        query = (folded_w.to(weight.dtype), None if folded_b is None else folded_b.to(weight.dtype))
+        query = (folded["q_weight"], folded["q_bias"])
     else:
         query = (weight * attn.scaling, None if bias is None else bias * attn.scaling)
     parts = [query, float_weight_and_bias(attn.kv_down)]
     if attn.kept_proj is not None:
         parts.append(float_weight_and_bias(attn.kept_proj))
-    proj = _linear_of([w for w, _ in parts], [b for _, b in parts], int8=int8)
+    proj = _linear_of([w for w, _ in parts], [b for _, b in parts], int8=is_quantized_linear(attn.q_proj))
     output = None
     if fold_o:
-        weight, bias = float_weight_and_bias(attn.out_proj)
-        folded_w, folded_b = fold_output(weight, bias, attn.up_v_heads(), attn.bias_v_heads())
-        output = _linear_of([folded_w.to(weight.dtype)], [None if folded_b is None else folded_b.to(weight.dtype)],
-                            int8=is_quantized_linear(attn.out_proj))
+        output = _linear_of([folded["o_weight"]], [folded["o_bias"]], int8=is_quantized_linear(attn.out_proj))
     widths = (parts[0][0].shape[0], attn.latent_dim, attn.num_heads * attn.kept_dims)
     return FusedMLA(proj, widths, fold_q, output)
 

@@ -45,8 +45,9 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A dynamic int8 linear made by `quantize_dynamic_int8` (its weight is a packed int8 tensor)."""
-    return type(module).__module__.startswith("torch.ao.nn.quantized")
+    """A dynamic int8 linear made by `quantize_dynamic_int8` (its packed int8 weight is behind `weight()`;
+    its packed-parameter child module is not one)."""
+    return type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None))
 
 
 def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

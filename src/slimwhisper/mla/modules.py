@@ -220,20 +220,29 @@ class WhisperMLAAttention(WhisperAttention):
             None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
         )
         if self._folded is None or self._folded[0] != key:
-            dtype = self.q_proj.weight.dtype
-            folded: dict[str, torch.Tensor | None] = {}
             # ordinary tensors even when first built under inference_mode, so a later no-grad call can use them
             with torch.inference_mode(False), torch.no_grad():
-                if fold_q:
-                    w, b = fold_query(self.q_proj.weight, self.q_proj.bias, self.up_k_heads(), self.kept_dims,
-                                      self.scaling)
-                    folded["q_weight"], folded["q_bias"] = w.to(dtype), None if b is None else b.to(dtype)
-                if fold_o:
-                    w, b = fold_output(self.out_proj.weight, self.out_proj.bias, self.up_v_heads(),
-                                       self.bias_v_heads())
-                    folded["o_weight"], folded["o_bias"] = w.to(dtype), None if b is None else b.to(dtype)
+                folded = self.fold_projections(
+                    (self.q_proj.weight, self.q_proj.bias) if fold_q else None,
+                    (self.out_proj.weight, self.out_proj.bias) if fold_o else None,
+                )
             self._folded = (key, folded)
         return self._folded[1]
+
+    def fold_projections(self, query: tuple | None, output: tuple | None) -> dict[str, torch.Tensor | None]:
+        """U_k folded into the given float q_proj (weight, bias) and U_v into out_proj (either may be None).
+
+        Returns "q_weight"/"q_bias" and/or "o_weight"/"o_bias" in the given weights' dtype; the engine
+        passes dequantised int8 weights here, `folded_weights` the module's own.
+        """
+        folded: dict[str, torch.Tensor | None] = {}
+        if query is not None:
+            w, b = fold_query(*query, self.up_k_heads(), self.kept_dims, self.scaling)
+            folded["q_weight"], folded["q_bias"] = w.to(query[0].dtype), None if b is None else b.to(query[0].dtype)
+        if output is not None:
+            w, b = fold_output(*output, self.up_v_heads(), self.bias_v_heads())
+            folded["o_weight"], folded["o_bias"] = w.to(output[0].dtype), None if b is None else b.to(output[0].dtype)
+        return folded
 
     def _use_absorbed(self, query_length: int, cache) -> bool:
         """Absorb only when decoding one token from a cache (prefill and training materialise)."""
