@@ -20,6 +20,7 @@ from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, Stat
 from slimwhisper.engine.decode import (
     DecoderRunner,
     FusedMLA,
+    LayerCalls,
     cross_attention,
     fuse_mla,
     fuse_qkv,
@@ -28,6 +29,13 @@ from slimwhisper.engine.decode import (
     self_attention,
 )
 from slimwhisper.engine.formats import to_srt, to_vtt
+from slimwhisper.engine.quantize import (
+    Int8Call,
+    direct_call,
+    quantize_dynamic_int8,
+    quantize_linear_int8,
+    stack_int8_rows,
+)
 from slimwhisper.engine.rules import LogitRules, TokenIds
 from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
 
@@ -420,6 +428,44 @@ def test_own_cross_attention_equals_whisper_attention(length, int8):
     assert layer.get_seq_length() == 30
     layer.reset()
     assert layer.get_seq_length() == 0 and not layer.keys_transposed
+
+
+def test_direct_int8_calls_give_the_modules_results_bitwise():
+    """`direct_call` runs an int8 linear's op itself (float modules are returned as they are);
+    `stack_int8_rows` keeps every row's int8 weights and scale, so one call equals the separate calls."""
+    gen = torch.Generator().manual_seed(0)
+    float_linears = [torch.nn.Linear(16, n, bias=b) for n, b in ((8, False), (12, True), (8, True))]
+    for lin in float_linears:
+        torch.nn.init.normal_(lin.weight, generator=gen)
+    per_tensor = quantize_dynamic_int8(torch.nn.Sequential(*[torch.nn.Sequential(m) for m in float_linears]))
+    modules = [per_tensor[i][0] for i in range(3)] + [quantize_linear_int8(float_linears[1])]  # last: per row
+    x = torch.randn(2, 5, 16, generator=gen) * 3
+    with torch.inference_mode():
+        for m in modules:
+            assert isinstance(direct_call(m), Int8Call) and torch.equal(direct_call(m)(x), m(x))
+        assert direct_call(float_linears[0]) is float_linears[0]
+        stacked = stack_int8_rows(modules)
+        assert torch.equal(stacked(x), torch.cat([m(x) for m in modules], dim=-1))
+    assert stack_int8_rows([modules[0], float_linears[1]]) is None and stack_int8_rows([]) is None
+
+
+def test_cross_attention_with_the_runners_direct_calls_is_bitwise_the_modules():
+    """int8: one stacked k|v call and direct q/out calls cache and return exactly what the modules give."""
+    model = quantize_dynamic_int8(tiny_whisper(seed=3).eval())
+    layer_module = model.model.decoder.layers[1]
+    calls = LayerCalls.of(layer_module)
+    assert calls.cross_kv is not None and isinstance(calls.fc1, Int8Call)
+    attn = layer_module.encoder_attn
+    gen = torch.Generator().manual_seed(1)
+    enc = torch.randn(3, 30, model.config.d_model, generator=gen)
+    ours, theirs = FixedLayer(), FixedLayer()
+    with torch.inference_mode():
+        for length in (3, 1):  # prefill (projects the encoder output), then a step on the cached keys
+            hidden = torch.randn(3, length, model.config.d_model, generator=gen)
+            assert torch.equal(cross_attention(attn, hidden, ours, enc, calls),
+                               cross_attention(attn, hidden, theirs, enc))
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    assert LayerCalls.of(tiny_whisper().model.decoder.layers[0]).cross_kv is None  # float: no stacking
 
 
 def test_runner_uses_own_cross_attention_only_for_plain_attention_on_cpu():

@@ -20,7 +20,8 @@ when the runner is built: a runner does not follow later changes to the model's 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..mla.modules import WhisperMLAAttention
 from .cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
-from .quantize import float_weight_and_bias, is_quantized_linear, quantize_linear_int8
+from .quantize import direct_call, float_weight_and_bias, is_quantized_linear, quantize_linear_int8, stack_int8_rows
 from .rules import LogitRules, TokenIds
 
 
@@ -60,13 +61,15 @@ class DecoderRunner:
         # exact class: subclasses (MLA) cache something else and run their own attention
         self.own_cross = [on_cpu and type(layer.encoder_attn) is WhisperAttention for layer in self.decoder.layers]
         self.fused_qkv = [
-            fuse_qkv(layer.self_attn) if own and type(layer.self_attn) is WhisperAttention else None
+            direct_call(fuse_qkv(layer.self_attn)) if own and type(layer.self_attn) is WhisperAttention else None
             for own, layer in zip(self.own_cross, self.decoder.layers)
         ]
         self.fused_mla = [
-            fuse_mla(layer.self_attn) if own and type(layer.self_attn) is WhisperMLAAttention else None
+            fuse_mla(layer.self_attn).direct() if own and type(layer.self_attn) is WhisperMLAAttention else None
             for own, layer in zip(self.own_cross, self.decoder.layers)
         ]
+        self.calls = [LayerCalls.of(layer) for layer in self.decoder.layers]
+        self.lm_head = direct_call(self.proj_out)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> StaticEncoderDecoderCache:
         """An empty cache for `batch` rows: the previous call's buffers when they fit (they are kept for reuse)."""
@@ -102,31 +105,55 @@ class DecoderRunner:
                 hidden = layer(hidden, attention_mask=mask, encoder_hidden_states=encoder_out, past_key_values=cache)
         if not all_logits:
             hidden = hidden[:, -1]
-        return self.proj_out(self.decoder.layer_norm(hidden))
+        return self.lm_head(self.decoder.layer_norm(hidden))
 
-    @staticmethod
-    def _layer(idx: int, layer: nn.Module, fused: nn.Module | FusedMLA | None, hidden, mask,
+    def _layer(self, idx: int, layer: nn.Module, fused: Callable | FusedMLA | None, hidden, mask,
                cache: StaticEncoderDecoderCache, encoder_out) -> torch.Tensor:
         """A pre-norm Whisper decoder layer (as `WhisperDecoderLayer`, inference) with `cross_attention`,
         and with `self_attention` (MHA) or `mla_self_attention` (MLA, single-token steps) when the layer
         has fused projections."""
+        calls = self.calls[idx]
         residual = hidden
         normed = layer.self_attn_layer_norm(hidden)
         attn = layer.self_attn
-        if isinstance(fused, FusedMLA) and hidden.shape[1] == 1 and attn.decode_mode == "absorbed":
-            out = mla_self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx])
-        elif isinstance(fused, nn.Module):
-            out = self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], mask)
+        if isinstance(fused, FusedMLA):
+            if hidden.shape[1] == 1 and attn.decode_mode == "absorbed":
+                out = mla_self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], calls.self_out)
+            else:
+                out, _ = attn(normed, past_key_values=cache, attention_mask=mask)
+        elif fused is not None:
+            out = self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], mask, calls.self_out)
         else:
-            out, _ = layer.self_attn(normed, past_key_values=cache, attention_mask=mask)
+            out, _ = attn(normed, past_key_values=cache, attention_mask=mask)
         hidden = residual + out
         cache.is_updated[idx] = True
         cross = cache.cross_attention_cache.layers[idx]
-        hidden = hidden + cross_attention(layer.encoder_attn, layer.encoder_attn_layer_norm(hidden), cross, encoder_out)
+        normed = layer.encoder_attn_layer_norm(hidden)
+        hidden = hidden + cross_attention(layer.encoder_attn, normed, cross, encoder_out, calls)
         residual = hidden
         hidden = layer.final_layer_norm(hidden)
-        hidden = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+        hidden = calls.fc2(layer.activation_fn(calls.fc1(hidden)))
         return residual + hidden
+
+
+@dataclass
+class LayerCalls:
+    """A decoder layer's per-step linears as the runner calls them: `direct_call`s, so int8 layers run their
+    quantised op without nn.Module overhead (same weights, same result)."""
+
+    self_out: Callable[[torch.Tensor], torch.Tensor]
+    cross_q: Callable[[torch.Tensor], torch.Tensor]
+    cross_out: Callable[[torch.Tensor], torch.Tensor]
+    fc1: Callable[[torch.Tensor], torch.Tensor]
+    fc2: Callable[[torch.Tensor], torch.Tensor]
+    cross_kv: Callable[[torch.Tensor], torch.Tensor] | None = None  # [k | v] of int8 cross-attention, bitwise
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerCalls:
+        cross = layer.encoder_attn
+        kv = stack_int8_rows([cross.k_proj, cross.v_proj]) if type(cross) is WhisperAttention else None
+        return cls(direct_call(layer.self_attn.out_proj), direct_call(cross.q_proj), direct_call(cross.out_proj),
+                   direct_call(layer.fc1), direct_call(layer.fc2), kv)
 
 
 def fuse_qkv(attn: WhisperAttention) -> nn.Module:
@@ -148,9 +175,12 @@ def _linear_of(weights: list[torch.Tensor], biases: list[torch.Tensor | None], i
 
 
 def self_attention(
-    attn: WhisperAttention, qkv: nn.Module, hidden: torch.Tensor, layer: StaticLayer, mask: torch.Tensor | None
+    attn: WhisperAttention, qkv: Callable, hidden: torch.Tensor, layer: StaticLayer, mask: torch.Tensor | None,
+    out_proj: Callable | None = None,
 ) -> torch.Tensor:
-    """Whisper decoder self-attention of `hidden` [B, L, d] with `qkv = fuse_qkv(attn)`, caching k, v in `layer`."""
+    """Whisper decoder self-attention of `hidden` [B, L, d] with `qkv = fuse_qkv(attn)`, caching k, v in `layer`.
+
+    `out_proj` computes attn.out_proj (default: that module)."""
     batch, length, _ = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     q, k, v = qkv(hidden).view(batch, length, 3, heads, head_dim).unbind(2)
@@ -158,7 +188,7 @@ def self_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         (q * attn.scaling).transpose(1, 2), keys, values, attn_mask=mask, scale=1.0
     )
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+    return (out_proj or attn.out_proj)(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
 
 
 @dataclass
@@ -169,10 +199,14 @@ class FusedMLA:
     with U_v folded in, applied to the mixed latents.
     """
 
-    proj: nn.Module
+    proj: Callable[[torch.Tensor], torch.Tensor]
     widths: tuple[int, int, int]
     query_folded: bool
-    output: nn.Module | None
+    output: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def direct(self) -> FusedMLA:
+        """The same projections as `direct_call`s (for the decode loop)."""
+        return replace(self, proj=direct_call(self.proj), output=self.output and direct_call(self.output))
 
 
 def fuse_mla(attn: WhisperMLAAttention, fold: tuple[bool, bool] | None = None) -> FusedMLA:
@@ -205,25 +239,29 @@ def fuse_mla(attn: WhisperMLAAttention, fold: tuple[bool, bool] | None = None) -
 
 
 def mla_self_attention(attn: WhisperMLAAttention, fused: FusedMLA, hidden: torch.Tensor,
-                       layer: StaticLayer) -> torch.Tensor:
+                       layer: StaticLayer, out_proj: Callable | None = None) -> torch.Tensor:
     """One decode step of MLA self-attention of `hidden` [B, 1, d]: one projection, then the absorbed path.
 
-    Caches the step's latent and kept key dims in `layer` as the module would.
+    Caches the step's latent and kept key dims in `layer` as the module would; `out_proj` computes
+    attn.out_proj when U_v is not folded (default: that module).
     """
     batch, length, _ = hidden.shape
     query, latent, kept = fused.proj(hidden).split(fused.widths, dim=-1)
     kept = kept.view(batch, length, attn.num_heads, attn.kept_dims).transpose(1, 2)
     latent, kept = layer.update(latent.unsqueeze(1), kept)
-    return attn.attend_latent(query, latent, kept, query_folded=fused.query_folded, output=fused.output)[0]
+    return attn.attend_latent(query, latent, kept, query_folded=fused.query_folded, output=fused.output,
+                              out_proj=out_proj)[0]
 
 
 def cross_attention(
-    attn: WhisperAttention, hidden: torch.Tensor, layer: FixedLayer, encoder_out: torch.Tensor
+    attn: WhisperAttention, hidden: torch.Tensor, layer: FixedLayer, encoder_out: torch.Tensor,
+    calls: LayerCalls | None = None,
 ) -> torch.Tensor:
     """Whisper cross-attention of `hidden` [B, L, d] over the encoder output, keys cached transposed.
 
     The first call of a window projects the encoder output once and stores keys [B, H, h, T] and
-    values [B, H, T, h] in `layer`; every call is then softmax(q K^T) V as two matmuls.
+    values [B, H, T, h] in `layer`; every call is then softmax(q K^T) V as two matmuls. `calls`, the
+    runner's direct calls of the layer's linears, replace the module's own (same results).
     """
     batch, length, _ = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -231,18 +269,24 @@ def cross_attention(
         frames = encoder_out.shape[1]
         keys, values = layer.buffers((batch, heads, head_dim, frames), (batch, heads, frames, head_dim),
                                      encoder_out.dtype, encoder_out.device)
-        if type(attn.k_proj) is nn.Linear and attn.k_proj.bias is None:  # W_k x^T is [B, H*h, T]: no transpose
-            flat_keys = keys.view(batch, heads * head_dim, frames)
-            torch.matmul(attn.k_proj.weight, encoder_out.transpose(1, 2), out=flat_keys)
-        else:  # e.g. int8 linears, which only compute x W^T
-            keys.copy_(attn.k_proj(encoder_out).view(batch, frames, heads, head_dim).permute(0, 2, 3, 1))
-        values.copy_(attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2))
+        if calls is not None and calls.cross_kv is not None:  # int8 k and v in one call (one input quantisation)
+            new_keys, new_values = calls.cross_kv(encoder_out).view(batch, frames, 2, heads, head_dim).unbind(2)
+            keys.copy_(new_keys.permute(0, 2, 3, 1))
+            values.copy_(new_values.transpose(1, 2))
+        else:
+            if type(attn.k_proj) is nn.Linear and attn.k_proj.bias is None:  # W_k x^T is [B, H*h, T]: no transpose
+                flat_keys = keys.view(batch, heads * head_dim, frames)
+                torch.matmul(attn.k_proj.weight, encoder_out.transpose(1, 2), out=flat_keys)
+            else:  # e.g. int8 linears, which only compute x W^T
+                keys.copy_(attn.k_proj(encoder_out).view(batch, frames, heads, head_dim).permute(0, 2, 3, 1))
+            values.copy_(attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2))
         layer.update(keys, values)
         layer.keys_transposed = True
-    query = (attn.q_proj(hidden) * attn.scaling).view(batch, length, heads, head_dim).transpose(1, 2)
+    q_proj, out_proj = (attn.q_proj, attn.out_proj) if calls is None else (calls.cross_q, calls.cross_out)
+    query = (q_proj(hidden) * attn.scaling).view(batch, length, heads, head_dim).transpose(1, 2)
     probs = (query @ layer.keys).float().softmax(dim=-1).to(query.dtype)  # [B, H, L, T]
     out = (probs @ layer.values).transpose(1, 2).reshape(batch, length, heads * head_dim)
-    return attn.out_proj(out)
+    return out_proj(out)
 
 
 def _no_speech_probs(logits: torch.Tensor, prompt: torch.Tensor, ids: TokenIds) -> torch.Tensor:

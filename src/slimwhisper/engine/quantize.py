@@ -50,6 +50,63 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None))
 
 
+class Int8Call:
+    """A dynamic int8 linear's forward as a direct call of its quantised op: the same result, without the
+    module's per-call work (nn.Module dispatch and dtype checks, about 14 of a 384x384 layer's 50 µs at
+    batch 1 on a 2-core Xeon, 25 calls per decoded token for tiny.en)."""
+
+    _op = None
+
+    def __init__(self, module: nn.Module):
+        if Int8Call._op is None:
+            Int8Call._op = torch.ops.quantized.linear_dynamic.default
+        self.packed = module._packed_params._packed_params
+        self.reduce_range = module.version is not None and module.version >= 4  # as the module's own forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, self.packed, self.reduce_range)
+
+
+def direct_call(module: nn.Module):
+    """What to call for `module`'s forward in a hot loop: `Int8Call` for a dynamic int8 linear, else the module."""
+    return Int8Call(module) if _is_qint8_linear(module) else module
+
+
+def _is_qint8_linear(module: nn.Module) -> bool:
+    return is_quantized_linear(module) and module._packed_params.dtype == torch.qint8
+
+
+def stack_int8_rows(modules: list[nn.Module]) -> Int8Call | None:
+    """One int8 linear computing [m1(x) | m2(x) | ...] for dynamic int8 linears on the same input, or None.
+
+    Every row keeps its source's int8 weights and scale, so the outputs are bitwise those of the separate
+    calls, while the input is quantised once and read once (what `fuse_qkv` cannot promise: it
+    requantises the stacked float weights). None if a module is not a qint8 dynamic linear with
+    symmetric (zero-point 0) weights.
+    """
+    if not modules or not all(_is_qint8_linear(m) for m in modules) or len({m.version for m in modules}) != 1:
+        return None
+    weights = [m.weight() for m in modules]
+    scales = []
+    for w in weights:
+        if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric) and w.q_zero_point() == 0:
+            scales.append(torch.full((w.shape[0],), w.q_scale(), dtype=torch.double))
+        elif w.qscheme() == torch.per_channel_affine and w.q_per_channel_axis() == 0 and not (
+            w.q_per_channel_zero_points().any()
+        ):
+            scales.append(w.q_per_channel_scales().double())
+        else:
+            return None
+    ints = torch.cat([w.int_repr() for w in weights])
+    scale = torch.cat(scales)
+    weight = torch._make_per_channel_quantized_tensor(ints, scale, torch.zeros(len(scale), dtype=torch.long), 0)
+    bias = torch.cat([m.bias() if m.bias() is not None else ints.new_zeros(w.shape[0], dtype=torch.float)
+                      for m, w in zip(modules, weights)])
+    call = Int8Call(modules[0])
+    call.packed = torch.ops.quantized.linear_prepack(weight, bias)
+    return call
+
+
 def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The float weight [out, in] and bias of an `nn.Linear` or a dynamic int8 linear (dequantised)."""
     if is_quantized_linear(module):

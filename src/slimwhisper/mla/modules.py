@@ -170,13 +170,15 @@ class WhisperMLAAttention(WhisperAttention):
         *,
         query_folded: bool = False,
         output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        out_proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The absorbed path after the query projection: output [B, L, d] and (optionally) probabilities.
 
         `query` [B, L, .] is q_proj's output times the attention scale [H*h], or with `query_folded`
         (U_k folded into q_proj) [H*r kept | H*d_c absorbed]. `output`, when given, maps the mixed
-        latents [B, L, H*d_c] to the output (U_v folded into out_proj); otherwise U_v then out_proj.
+        latents [B, L, H*d_c] to the output (U_v folded into out_proj); otherwise U_v then out_proj
+        (`out_proj` when given: the same projection called another way, e.g. the engine's direct int8 op).
         Split out so a caller that builds these projections its own way (the engine's decode loop
         fuses and quantises them) runs the same attention arithmetic.
         """
@@ -192,7 +194,7 @@ class WhisperMLAAttention(WhisperAttention):
         if output is not None:
             return output(mixed.transpose(1, 2).reshape(batch, length, heads * self.latent_dim)), weights
         out = expand_values(mixed, self.up_v_heads(), self.bias_v_heads())
-        return self.out_proj(out.reshape(batch, length, -1)), weights
+        return (out_proj or self.out_proj)(out.reshape(batch, length, -1)), weights
 
     def fold_plan(self, fold: str | None = None) -> tuple[bool, bool]:
         """(fold U_k into q_proj, fold U_v into out_proj) for decoding, per `fold` (default `self.fold`).
