@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 import slimwhisper as sw
-from conftest import EOT, NO_TS, SHARED_DATA, SOT, tiny_whisper
+from conftest import EOT, NO_TS, PREV, SHARED_DATA, SOT, tiny_whisper
 from slimwhisper.engine.beam import beam_decode, can_still_improve, length_normalised
 from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from slimwhisper.engine.decode import (
@@ -26,6 +26,7 @@ from slimwhisper.engine.decode import (
     fuse_qkv,
     greedy_decode,
     mla_self_attention,
+    prefill,
     self_attention,
 )
 from slimwhisper.engine.formats import to_srt, to_vtt
@@ -428,6 +429,24 @@ def test_own_cross_attention_equals_whisper_attention(length, int8):
     assert layer.get_seq_length() == 30
     layer.reset()
     assert layer.get_seq_length() == 0 and not layer.keys_transposed
+
+
+def test_prefill_sends_only_the_sot_and_last_positions_to_the_lm_head():
+    """`runner(at=...)` gives the model's logits at the positions asked for; `prefill` takes the last and,
+    for P(<|nospeech|>), each row's SOT, which follows previous text when there is some."""
+    model = varied_whisper(2).eval()
+    runner, ids = DecoderRunner(model), TokenIds.from_generation_config(model.generation_config)
+    prompt = torch.tensor([[PREV, 5, 6, SOT, NO_TS], [PREV, 7, 8, SOT, NO_TS]])
+    with torch.inference_mode():
+        enc = runner.encode(varied_features(2, seed=4))
+        ref = model(encoder_outputs=(enc,), decoder_input_ids=prompt).logits  # [B, P, V]
+        every = torch.arange(prompt.shape[1]).expand(2, -1)
+        torch.testing.assert_close(runner(prompt, runner.new_cache(2, 16, enc.dtype), enc, at=every), ref,
+                                   atol=1e-5, rtol=1e-5)
+        last, no_speech = prefill(runner, prompt, runner.new_cache(2, 16, enc.dtype), enc, ids)
+    torch.testing.assert_close(last, ref[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_speech, ref[:, 3].softmax(-1)[:, ids.no_speech], atol=1e-6, rtol=1e-5)
+    assert ids.no_speech is not None and not torch.allclose(ref[:, 3], ref[:, -1])  # the SOT row is its own
 
 
 def test_direct_int8_calls_give_the_modules_results_bitwise():

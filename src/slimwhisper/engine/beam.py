@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode import Decoded, DecoderRunner, _no_speech_probs
+from .decode import Decoded, DecoderRunner, prefill
 from .rules import LogitRules, TokenIds
 
 HOPELESS = -1.0e9  # HF's score for "no hypothesis here yet" (a finite value, so comparisons stay defined)
@@ -80,12 +80,11 @@ def beam_decode(
 
     # Prefill once per audio (all beams share the prompt), then repeat the cache rows per beam.
     cache = runner.new_cache(batch, max_length, encoder_out.dtype)
-    logits_all = runner(prompt, cache, encoder_out, all_logits=True)
-    no_speech = _no_speech_probs(logits_all, prompt, ids)
+    logits, no_speech = prefill(runner, prompt, cache, encoder_out, ids)
     per_beam = torch.arange(batch, device=device).repeat_interleave(k)
     cache.select_rows(per_beam)
     encoder_out = encoder_out.index_select(0, per_beam)  # only its shape matters once cross keys are cached
-    logits = logits_all[:, -1].index_select(0, per_beam)
+    logits = logits.index_select(0, per_beam)
     rules = LogitRules(ids, logits.shape[-1], batch * k, timestamps=timestamps, device=device)
 
     # Running beams of the active audios [A, k]; beam 0 alone is live at first, so the k beams differ.

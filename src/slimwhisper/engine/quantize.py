@@ -55,21 +55,22 @@ class Int8Call:
     module's per-call work (nn.Module dispatch and dtype checks, about 14 of a 384x384 layer's 50 µs at
     batch 1 on a 2-core Xeon, 25 calls per decoded token for tiny.en)."""
 
-    _op = None
+    def __init__(self, packed, reduce_range: bool):
+        self.packed, self.reduce_range = packed, reduce_range
+        self.op = torch.ops.quantized.linear_dynamic.default
 
-    def __init__(self, module: nn.Module):
-        if Int8Call._op is None:
-            Int8Call._op = torch.ops.quantized.linear_dynamic.default
-        self.packed = module._packed_params._packed_params
-        self.reduce_range = module.version is not None and module.version >= 4  # as the module's own forward
+    @classmethod
+    def of(cls, module: nn.Module) -> Int8Call:
+        # the module's own forward reduces the activation range from version 4 of its format on
+        return cls(module._packed_params._packed_params, module.version is not None and module.version >= 4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x, self.packed, self.reduce_range)
+        return self.op(x, self.packed, self.reduce_range)
 
 
 def direct_call(module: nn.Module):
     """What to call for `module`'s forward in a hot loop: `Int8Call` for a dynamic int8 linear, else the module."""
-    return Int8Call(module) if _is_qint8_linear(module) else module
+    return Int8Call.of(module) if _is_qint8_linear(module) else module
 
 
 def _is_qint8_linear(module: nn.Module) -> bool:
@@ -102,9 +103,7 @@ def stack_int8_rows(modules: list[nn.Module]) -> Int8Call | None:
     weight = torch._make_per_channel_quantized_tensor(ints, scale, torch.zeros(len(scale), dtype=torch.long), 0)
     bias = torch.cat([m.bias() if m.bias() is not None else ints.new_zeros(w.shape[0], dtype=torch.float)
                       for m, w in zip(modules, weights)])
-    call = Int8Call(modules[0])
-    call.packed = torch.ops.quantized.linear_prepack(weight, bias)
-    return call
+    return Int8Call(torch.ops.quantized.linear_prepack(weight, bias), Int8Call.of(modules[0]).reduce_range)
 
 
 def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
