@@ -28,6 +28,7 @@ from slimwhisper.engine.decode import (
     mla_self_attention,
     prefill,
     self_attention,
+    transpose_frames_,
 )
 from slimwhisper.engine.formats import to_srt, to_vtt
 from slimwhisper.engine.quantize import (
@@ -447,6 +448,13 @@ def test_prefill_sends_only_the_sot_and_last_positions_to_the_lm_head():
     torch.testing.assert_close(last, ref[:, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(no_speech, ref[:, 3].softmax(-1)[:, ids.no_speech], atol=1e-6, rtol=1e-5)
     assert ids.no_speech is not None and not torch.allclose(ref[:, 3], ref[:, -1])  # the SOT row is its own
+
+
+def test_transpose_frames_copies_block_by_block_exactly():
+    src = torch.randn(2, 10, 6)[:, :, :5]  # strided, 10 frames: blocks of 4, 4 and 2
+    dst = torch.full((2, 5, 10), float("nan"))
+    transpose_frames_(dst, src, block=4)
+    assert torch.equal(dst, src.transpose(1, 2))
 
 
 def test_direct_int8_calls_give_the_modules_results_bitwise():

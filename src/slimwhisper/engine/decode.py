@@ -284,14 +284,14 @@ def cross_attention(
                                      encoder_out.dtype, encoder_out.device)
         if calls is not None and calls.cross_kv is not None:  # int8 k and v in one call (one input quantisation)
             new_keys, new_values = calls.cross_kv(encoder_out).view(batch, frames, 2, heads, head_dim).unbind(2)
-            keys.copy_(new_keys.permute(0, 2, 3, 1))
+            transpose_frames_(keys.view(batch, heads * head_dim, frames), new_keys.flatten(2))
             values.copy_(new_values.transpose(1, 2))
         else:
             if type(attn.k_proj) is nn.Linear and attn.k_proj.bias is None:  # W_k x^T is [B, H*h, T]: no transpose
                 flat_keys = keys.view(batch, heads * head_dim, frames)
                 torch.matmul(attn.k_proj.weight, encoder_out.transpose(1, 2), out=flat_keys)
             else:  # e.g. int8 linears, which only compute x W^T
-                keys.copy_(attn.k_proj(encoder_out).view(batch, frames, heads, head_dim).permute(0, 2, 3, 1))
+                transpose_frames_(keys.view(batch, heads * head_dim, frames), attn.k_proj(encoder_out))
             values.copy_(attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2))
         layer.update(keys, values)
         layer.keys_transposed = True
@@ -300,6 +300,17 @@ def cross_attention(
     probs = (query @ layer.keys).float().softmax(dim=-1).to(query.dtype)  # [B, H, L, T]
     out = (probs @ layer.values).transpose(1, 2).reshape(batch, length, heads * head_dim)
     return out_proj(out)
+
+
+def transpose_frames_(dst: torch.Tensor, src: torch.Tensor, block: int = 256) -> None:
+    """Write src [B, T, C] transposed into dst [B, C, T], `block` frames at a time.
+
+    One strided copy of a whole window (1500 frames x 384 channels) misses cache on nearly every element;
+    block by block the source stays in cache, which halved the copy on a 2-core Xeon (about 10 -> 4-5 ms
+    per layer for 8 windows, 1.0 -> 0.5 ms for one).
+    """
+    for start in range(0, src.shape[1], block):
+        dst[:, :, start : start + block].copy_(src[:, start : start + block].transpose(1, 2))
 
 
 def prefill(runner: DecoderRunner, prompt: torch.Tensor, cache: StaticEncoderDecoderCache, encoder_out: torch.Tensor,
