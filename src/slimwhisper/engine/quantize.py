@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -61,20 +62,24 @@ class Int8Call:
 
     @classmethod
     def of(cls, module: nn.Module) -> Int8Call:
-        # the module's own forward reduces the activation range from version 4 of its format on
-        return cls(module._packed_params._packed_params, module.version is not None and module.version >= 4)
+        return cls(module._packed_params._packed_params, _reduce_range(module))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.packed, self.reduce_range)
 
 
-def direct_call(module: nn.Module):
+def direct_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """What to call for `module`'s forward in a hot loop: `Int8Call` for a dynamic int8 linear, else the module."""
     return Int8Call.of(module) if _is_qint8_linear(module) else module
 
 
 def _is_qint8_linear(module: nn.Module) -> bool:
     return is_quantized_linear(module) and module._packed_params.dtype == torch.qint8
+
+
+def _reduce_range(module: nn.Module) -> bool:
+    """Whether the module's own forward reduces the activation range (from version 4 of its format on)."""
+    return module.version is not None and module.version >= 4
 
 
 def stack_int8_rows(modules: list[nn.Module]) -> Int8Call | None:
@@ -103,7 +108,7 @@ def stack_int8_rows(modules: list[nn.Module]) -> Int8Call | None:
     weight = torch._make_per_channel_quantized_tensor(ints, scale, torch.zeros(len(scale), dtype=torch.long), 0)
     bias = torch.cat([m.bias() if m.bias() is not None else ints.new_zeros(w.shape[0], dtype=torch.float)
                       for m, w in zip(modules, weights)])
-    return Int8Call(torch.ops.quantized.linear_prepack(weight, bias), Int8Call.of(modules[0]).reduce_range)
+    return Int8Call(torch.ops.quantized.linear_prepack(weight, bias), _reduce_range(modules[0]))
 
 
 def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
