@@ -129,14 +129,11 @@ class DecoderRunner:
         residual = hidden
         normed = layer.self_attn_layer_norm(hidden)
         attn = layer.self_attn
-        if isinstance(fused, FusedMLA):
-            if hidden.shape[1] == 1 and attn.decode_mode == "absorbed":
-                out = mla_self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], calls.self_out)
-            else:
-                out, _ = attn(normed, past_key_values=cache, attention_mask=mask)
-        elif fused is not None:
+        if isinstance(fused, FusedMLA) and hidden.shape[1] == 1 and attn.decode_mode == "absorbed":
+            out = mla_self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], calls.self_out)
+        elif fused is not None and not isinstance(fused, FusedMLA):  # MHA's fused q|k|v
             out = self_attention(attn, fused, normed, cache.self_attention_cache.layers[idx], mask, calls.self_out)
-        else:
+        else:  # the module itself (MLA prefill or materialised decode, or no fused projections)
             out, _ = attn(normed, past_key_values=cache, attention_mask=mask)
         hidden = residual + out
         cache.is_updated[idx] = True
