@@ -39,7 +39,7 @@ from slimwhisper.engine.quantize import (
     stack_int8_rows,
 )
 from slimwhisper.engine.rules import LogitRules, TokenIds
-from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription, parse_segments, split_windows
+from slimwhisper.engine.transcriber import Segment, Transcriber, Transcription
 
 
 def varied_whisper(seed: int = 0):
@@ -222,17 +222,6 @@ def test_transcriber_int8_quantisation_runs_on_mla(tiny_model):
 
 
 # ------------------------------------------------------------------ long form and formats
-def test_split_windows_and_segments():
-    audio = np.zeros(16_000 * 65, dtype=np.float32)
-    windows = split_windows(audio, 0)
-    assert [w.offset for w in windows] == [0.0, 30.0, 60.0] and len(windows[-1].audio) == 16_000 * 5
-    tb = 100
-    segs = parse_segments([tb, 1, 2, tb + 50, tb + 50, 3, tb + 100], tb, 30.0, 60.0, lambda t: " " + "x" * len(t))
-    assert [(s.start, s.end, s.text) for s in segs] == [(30.0, 31.0, " xx"), (31.0, 32.0, " x")]
-    segs = parse_segments([tb, 1, 2, tb + 50, tb + 50, 3], tb, 0.0, 9.5, lambda t: "w" * len(t))
-    assert (segs[-1].start, segs[-1].end) == (1.0, 9.5)  # an unclosed segment ends with the window
-
-
 def test_srt_and_vtt():
     segs = [Segment(0.0, 1.5, " Hello."), Segment(3661.25, 3662.0, " World")]
     assert to_srt(segs) == "1\n00:00:00,000 --> 00:00:01,500\nHello.\n\n2\n01:01:01,250 --> 01:01:02,000\nWorld\n"
@@ -259,7 +248,7 @@ def test_token_parity_with_generate_on_tiny_en():
     audios = realspeech_audio(lambda rows: [r for r in rows if r["lang"] == "en"][:3])
     model, processor = sw.load("tiny.en")
     engine = Transcriber(model, processor, batch_size=3)
-    feats = engine._features(audios)
+    feats = engine.features(audios)
     ours = engine_tokens(model, feats)
     ref = model.generate(feats, do_sample=False)
     ref = [[t for t in row.tolist() if t != model.generation_config.eos_token_id] for row in ref]
@@ -370,7 +359,7 @@ def test_beam_parity_with_generate_on_tiny_en():
     audios = realspeech_audio(lambda rows: [r for r in rows if r["lang"] == "en"][:3])
     model, processor = sw.load("tiny.en")
     engine = Transcriber(model, processor, batch_size=3, beam_size=3)
-    feats = engine._features(audios)
+    feats = engine.features(audios)
     ours = engine_beam_tokens(model, feats, 3)
     ref = model.generate(feats, **generation_kwargs(model, None, 3))
     texts = processor.batch_decode(ref, skip_special_tokens=True)
@@ -396,14 +385,14 @@ def test_multilingual_greedy_parity_on_base():
         out = model.generate(feats, **generation_kwargs(model, language, 1))
         return [[t for t in row.tolist() if t != eot] for row in out]
 
-    feats = engine._features(audios)
+    feats = engine.features(audios)
     enc = engine.runner.encode(feats)
     langs = engine.detect_language(enc)
     assert processor.tokenizer.convert_ids_to_tokens(langs) == ["<|de|>", "<|fr|>"]
-    prompt = torch.tensor([engine._sot_sequence(lg, "transcribe", False) for lg in langs])
+    prompt = torch.tensor([engine.sot_sequence(lg, "transcribe", False) for lg in langs])
     ours = [d.tokens for d in greedy_decode(engine.runner, enc, prompt, engine.ids)]
     assert ours == ref_tokens(feats, None)
-    prompt = torch.tensor([engine._sot_sequence(engine._language_id("de"), "transcribe", False)])
+    prompt = torch.tensor([engine.sot_sequence(engine.language_id("de"), "transcribe", False)])
     assert [d.tokens for d in greedy_decode(engine.runner, enc[:1], prompt, engine.ids)] == ref_tokens(feats[:1], "de")
     results = engine.transcribe(audios, temperature=0.0)
     assert [r.language for r in results] == ["de", "fr"]

@@ -57,6 +57,11 @@ def load_audio(path: str | Path) -> np.ndarray:
     return to_mono_16k(audio, rate, name=str(path))
 
 
+def window_spans(n_samples: int, window: int = CHUNK_SAMPLES) -> list[tuple[int, int]]:
+    """Consecutive [start, end) windows of `window` samples (the last one shorter); none for empty audio."""
+    return [(start, min(start + window, n_samples)) for start in range(0, n_samples, window)]
+
+
 def split_windows(audio: np.ndarray, window: int = CHUNK_SAMPLES) -> list[np.ndarray]:
-    """Cut audio into consecutive 30-s windows (the last one shorter); at least one window."""
-    return [audio[i : i + window] for i in range(0, max(len(audio), 1), window)]
+    """Cut audio into consecutive 30-s windows (the last one shorter)."""
+    return [audio[a:b] for a, b in window_spans(len(audio), window)]

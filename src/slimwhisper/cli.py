@@ -158,10 +158,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     else:
         from .engine import Transcriber
 
-        engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize)
-        results = engine.transcribe(
-            audios, language=args.language, timestamps=args.timestamps, mode=args.mode, progress=len(audios) > 1
-        )
+        engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize,
+                             vad=not args.no_vad)
+        results = engine.transcribe(audios, language=args.language, timestamps=args.timestamps, mode=args.mode,
+                                    condition_on_previous_text=args.condition_on_previous_text,
+                                    progress=not args.quiet and sum(len(a) for a in audios) > 60 * 16_000)
         texts = [r.text for r in results]
     if args.output_dir or (args.format != "txt" and results is not None):
         from .engine.formats import render
@@ -179,7 +180,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         if out_dir is None or not args.json:
             return 0
     if args.json:
-        print(json.dumps([{"file": f, "text": t} for f, t in zip(args.audio, texts)], ensure_ascii=False, indent=2))
+        rows = [{"file": f, "text": t} for f, t in zip(args.audio, texts)]
+        for row, r in zip(rows, results or []):
+            row.update(language=r.language, duration=r.duration, segments=[vars(s) for s in r.segments])
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
     elif not args.output_dir:
         for f, t in zip(args.audio, texts):
             print(f"{f}\t{t}")
@@ -234,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="transcribe audio files of any length")
     p.add_argument("model")
     p.add_argument("audio", nargs="+", help="audio files (any common format and rate; stereo is mixed down)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {file, text}")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {file, text, language, duration, segments}")
     p.add_argument("--language", help="language code for multilingual models (default: detect)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
@@ -245,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write one FILE.FORMAT per input here instead of printing")
     p.add_argument("--timestamps", action="store_true", help="predict segment timestamps")
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched",
-                   help="long audio: independent 30-s windows (fast) or timestamp-seeking with previous text")
+                   help="batched: speech cut at silences into windows decoded together (fast, default); "
+                   "sequential: each window starts where the previous one's last segment ended")
+    p.add_argument("--no-vad", action="store_true",
+                   help="no voice activity detection: fixed 30-s windows, silence decoded too")
+    p.add_argument("--condition-on-previous-text", action="store_true",
+                   help="sequential mode: prompt each window with the text before it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
     p.set_defaults(func=cmd_transcribe)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..errors import SlimWhisperError
 from .common import run_metadata, set_threads
+from .longform import SYSTEMS as LONG_FORM_SYSTEMS
 
 SYSTEMS = ("slimwhisper", "slimwhisper_fp32", "hf_generate", "faster_whisper_int8", "faster_whisper_fp32")
 OPT_IN_SYSTEMS = ("slimwhisper_compiled",)  # accepted by --systems, never run by default (minutes of compile)
@@ -50,8 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--language", help="keep only this language and decode with it (multilingual models)")
     p.add_argument("--limit", type=int, help="first N utterances")
     p.add_argument("--threads", type=int, help="intra-op threads for every system (default torch's)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS + OPT_IN_SYSTEMS, default=list(SYSTEMS),
-                   help=f"default: {' '.join(SYSTEMS)}; opt-in: {' '.join(OPT_IN_SYSTEMS)} (torch.compile'd encoder)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS + OPT_IN_SYSTEMS + LONG_FORM_SYSTEMS,
+                   help=f"default: {' '.join(SYSTEMS)}; opt-in: {' '.join(OPT_IN_SYSTEMS)} (torch.compile'd encoder); "
+                   f"with --long-form: {' '.join(LONG_FORM_SYSTEMS)}")
+    p.add_argument("--long-form", action="store_true",
+                   help="join the utterances into one long recording and run every long-form decoder on it")
+    p.add_argument("--pause", type=float, default=0.6, help="seconds of silence between joined utterances")
     p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
     p.add_argument("--per-token-rounds", type=int, default=4,
                    help="interleaved rounds of the per-token comparison (the fastest counts: more rounds, "
@@ -121,9 +126,9 @@ def _faster_whisper(model, audios, language, compute_type: str, threads: int) ->
 
 def _batch_sizes(audios, batch: int) -> list[int]:
     """The encoder batch sizes the engine's batched mode meets on `audios`, in order of first use."""
-    from ..engine.transcriber import split_windows
+    from ..audio import split_windows
 
-    n = sum(len(split_windows(a, i)) for i, a in enumerate(audios))
+    n = sum(len(split_windows(a)) for a in audios)
     return list(dict.fromkeys(min(batch, n - start) for start in range(0, n, batch)))
 
 
@@ -148,7 +153,7 @@ def _engine(model, processor, audios, language, batch, quantize, compile: bool =
     if compile:  # compile the encoder for every batch shape of the timed pass, so no compile lands in rtf
         with torch.inference_mode():
             for size in _batch_sizes(audios, batch):
-                engine.runner.encode(engine._features(audios[:1] * size))
+                engine.runner.encode(engine.features(audios[:1] * size))
     warmup = time.perf_counter() - t0
     engine.stats = dict.fromkeys(engine.stats, 0)
     graphs, breaks = _dynamo_counts() if compile else (0, 0)
@@ -193,18 +198,18 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
+    from ..audio import split_windows
     from ..engine import Transcriber
     from ..engine.decode import greedy_decode
-    from ..engine.transcriber import split_windows
     from ..transcribe import generation_kwargs
 
     engine = Transcriber(model, processor, batch_size=batch)
-    windows = [w.audio for i, a in enumerate(audios) for w in split_windows(a, i)][:max_windows]
+    windows = [w for a in audios for w in split_windows(a)][:max_windows]
     with torch.inference_mode():
-        encoded = [engine.runner.encode(engine._features(windows[i : i + batch]))
+        encoded = [engine.runner.encode(engine.features(windows[i : i + batch]))
                    for i in range(0, len(windows), batch)]
-    lang_id = engine._language_id(language) if (language and engine.multilingual) else None
-    prompt = engine._sot_sequence(lang_id, "transcribe", False)
+    lang_id = engine.language_id(language) if (language and engine.multilingual) else None
+    prompt = engine.sot_sequence(lang_id, "transcribe", False)
     runners = {}
     if "slimwhisper_fp32" in systems:
         runners["slimwhisper_fp32"] = engine.runner
@@ -262,6 +267,28 @@ def _per_token_runs(model, processor, audios, language, args, systems) -> dict |
     return out
 
 
+def _long_form(args: argparse.Namespace, samples, threads: int) -> dict:
+    from ..loading import load
+    from .longform import run_long_form
+
+    args.systems = args.systems or list(LONG_FORM_SYSTEMS)
+    model, processor = load(args.model)
+    result = run_long_form(model.eval(), processor, samples, args, threads)
+    return {**result, **run_metadata(model=args.model, data=args.data, batch=args.batch, threads=threads,
+                                     language=args.language, long_form=True)}
+
+
+def _report(result: dict, args: argparse.Namespace) -> int:
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for system, value in result["rtf"].items():
+            print(f"{system:28s} rtf {value}  wer {result['wer'][system]}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..audio import SAMPLE_RATE, load_audio
     from ..data import open_dataset
@@ -273,6 +300,12 @@ def run(args: argparse.Namespace) -> int:
     samples = list(open_dataset(args.data, keep_language=args.language, limit=args.limit))
     if not samples:
         raise SlimWhisperError(f"no utterances in {args.data}")
+    if args.long_form:
+        return _report(_long_form(args, samples, threads), args)
+    args.systems = args.systems or list(SYSTEMS)
+    bad = [s for s in args.systems if s not in SYSTEMS + OPT_IN_SYSTEMS]
+    if bad:
+        raise SlimWhisperError(f"{', '.join(bad)} run only with --long-form")
     audios = [load_audio(s.audio) for s in samples]
     refs = [s.text for s in samples]
     seconds = sum(len(a) for a in audios) / SAMPLE_RATE

@@ -1,52 +1,57 @@
-"""`Transcriber`: Whisper transcription on the static-cache engine, short- and long-form.
+"""`Transcriber`: Whisper transcription of recordings of any length on the static-cache engine.
 
-Batched mode (default, fast): every recording is cut into 30-s windows, and the windows of all inputs
-are decoded as independent rows of one batch (faster-whisper's batched style; no conditioning across
-windows). Sequential mode: each recording advances window by window to the last predicted timestamp,
-conditioned on the previous text, like openai-whisper. Both use temperature fallback; with beam_size > 1
-the temperature-0 attempt is a beam search (openai-whisper's rule: beams at 0, sampling for the fallbacks).
+Batched mode (default, fast): voice activity detection finds the speech, consecutive speech is packed
+into windows of at most 30 s cut in silences (never mid-word), and the windows of all inputs are decoded
+as independent rows of one batch, as faster-whisper's batched pipeline and WhisperX do. Audio without
+speech gives no window, hence no text.
+
+Sequential mode (openai-whisper's and transformers' long-form algorithm): the log-mel spectrogram of
+the whole recording is computed once; each 30-s window starts where the previous one's last complete
+segment ended, is decoded with timestamps, and is conditioned on the previous windows' tokens
+(timestamps included, as the model was trained). Windows the detector finds silent are skipped.
+
+Both modes use temperature fallback (a window is retried hotter when its text compresses too well, a
+sign of a loop, or its average log-probability is too low), and the no-speech gate (a window whose
+P(<|nospeech|>) is high and whose text is improbable gives nothing). With beam_size > 1 the
+temperature-0 attempt is a beam search. `stats` counts windows, retries and skips.
 """
 from __future__ import annotations
 
 import time
-import zlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio
+from ..audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio, window_spans
 from ..errors import SlimWhisperError
 from .beam import beam_decode
 from .decode import Decoded, DecoderRunner, greedy_decode
 from .quantize import quantize as apply_quantization
 from .rules import TokenIds
+from .segments import (
+    FRAMES_PER_TIMESTAMP,
+    SECONDS_PER_TIMESTAMP,
+    Segment,
+    Transcription,
+    compression_ratio,
+    parse_segments,
+    window_segments,
+)
+from .vad import VADOptions, find_speech, overlap, speech_probabilities, speech_regions
 
-TIME_PER_TIMESTAMP = 0.02  # seconds per timestamp token
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+LANGUAGE_SWITCH = 0.5  # a window leaves its recording's language only when this sure of another
+HOP = 160  # samples per log-mel frame
+WINDOW_FRAMES = CHUNK_SAMPLES // HOP  # 3000 log-mel frames in one window
+
+__all__ = ["Segment", "Thresholds", "Transcriber", "Transcription"]
 
 
-@dataclass
-class Segment:
-    start: float  # seconds from the start of the recording
-    end: float
-    text: str
-
-
-@dataclass
-class Transcription:
-    text: str
-    segments: list[Segment]
-    language: str | None
-    duration: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
+@dataclass(eq=False)  # windows are distinct pieces of work, compared by identity
 class _Window:
     """One ≤30-s piece of one recording."""
 
@@ -54,41 +59,32 @@ class _Window:
     offset: float  # seconds
     audio: np.ndarray
     result: Decoded | None = None
-    language: str | None = None
+    language: int | None = None
+    speech: list[tuple[int, int]] = field(default_factory=list)  # speech regions, samples from `offset`
+    timestamps: bool = False  # decode with timestamp tokens
     extras: dict = field(default_factory=dict)
 
 
-def compression_ratio(text: str) -> float:
-    """Raw / zlib-compressed byte length: high for repetitive (looping) output."""
-    raw = text.encode("utf-8")
-    return len(raw) / max(1, len(zlib.compress(raw))) if raw else 0.0
+@dataclass(frozen=True)
+class Thresholds:
+    """openai-whisper's retry and no-speech rules (None turns a rule off)."""
 
+    compression: float | None = 2.4
+    logprob: float | None = -1.0
+    no_speech: float | None = 0.6
 
-def split_windows(audio: np.ndarray, source: int, window: int = CHUNK_SAMPLES) -> list[_Window]:
-    """Consecutive non-overlapping windows of `window` samples (the last one shorter)."""
-    starts = range(0, len(audio), window)
-    return [_Window(source, start / SAMPLE_RATE, audio[start : start + window]) for start in starts]
+    def silent(self, res: Decoded) -> bool:
+        """The no-speech gate: P(<|nospeech|>) high and (with a log-prob rule) the text improbable."""
+        return (self.no_speech is not None and res.no_speech_prob > self.no_speech
+                and (self.logprob is None or res.avg_logprob < self.logprob))
 
-
-def parse_segments(tokens: list[int], ts_begin: int | None, offset: float, end: float, decode) -> list[Segment]:
-    """Segments from one window's tokens: text between timestamp pairs, or one segment without timestamps."""
-    if ts_begin is None or not any(t >= ts_begin for t in tokens):
-        text = decode([t for t in tokens if ts_begin is None or t < ts_begin])
-        return [Segment(offset, end, text)] if text.strip() else []
-    segments, start, text = [], None, []
-    for t in tokens:
-        if t < ts_begin:
-            text.append(t)
-            continue
-        time = offset + (t - ts_begin) * TIME_PER_TIMESTAMP
-        if start is not None and text:
-            segments.append(Segment(start, time, decode(text)))
-            start, text = None, []
-        else:
-            start = time
-    if text:
-        segments.append(Segment(start if start is not None else offset, end, decode(text)))
-    return [s for s in segments if s.text.strip()]
+    def retry(self, res: Decoded, text: str) -> bool:
+        """Whether a window's result should be decoded again at the next temperature."""
+        if self.silent(res) and self.logprob is not None:
+            return False  # silence: kept (and dropped), not retried
+        if self.compression is not None and compression_ratio(text) > self.compression:
+            return True
+        return self.logprob is not None and res.avg_logprob < self.logprob
 
 
 class Transcriber:
@@ -113,20 +109,20 @@ class Transcriber:
         compile: bool = False,
         length_penalty: float | None = None,
         patience: float = 1.0,
+        vad: bool = True,
     ):
         if beam_size < 1 or batch_size < 1:
             raise SlimWhisperError("beam_size and batch_size must be at least 1")
         if patience < 1.0:
             raise SlimWhisperError(f"patience must be at least 1.0, got {patience}")
         if compile and quantize:
-            # measured before this check (bench e2e, int8 engine compiled vs not, order swapped): no faster
-            # (0.92x and 1.10x of its time), ~50 s of compiling, and WER +0.28 points (BENCHMARKS.md)
+            # measured: no faster and WER moved (BENCHMARKS.md, bench e2e with slimwhisper_compiled)
             raise SlimWhisperError("compile=True is offered for unquantised models only; drop quantize or compile")
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         model = apply_quantization(model.eval(), quantize)
         self.model, self.processor = model, processor
-        self.batch_size, self.beam_size = batch_size, beam_size
+        self.batch_size, self.beam_size, self.vad = batch_size, beam_size, vad
         self.length_penalty, self.patience = length_penalty, patience
         self.ids = TokenIds.from_generation_config(model.generation_config)
         self.runner = DecoderRunner(model)
@@ -134,7 +130,14 @@ class Transcriber:
             self.runner.encode = torch.compile(self.runner.encode)
         param = next(p for p in model.parameters() if p.is_floating_point())
         self.device, self.dtype = param.device, param.dtype
-        self.stats = {"decode_s": 0.0, "steps": 0, "tokens": 0}  # decode time and work, cumulative
+        self.stats = self.new_stats()
+
+    @staticmethod
+    def new_stats() -> dict:
+        """Cumulative work counters: decode time, steps and tokens; windows decoded, temperature retries, windows
+        found silent; batched mode's windows decoded again with timestamps, and windows continued."""
+        return {"decode_s": 0.0, "steps": 0, "tokens": 0, "windows": 0, "retries": 0, "silent_windows": 0,
+                "redecoded": 0, "continued": 0}
 
     # ---------------------------------------------------------------- prompts and languages
     @property
@@ -143,7 +146,7 @@ class Transcriber:
 
         return is_multilingual(self.model)
 
-    def _sot_sequence(self, language_id: int | None, task: str, timestamps: bool) -> list[int]:
+    def sot_sequence(self, language_id: int | None, task: str, timestamps: bool) -> list[int]:
         """SOT [lang task] [<|notimestamps|>], as generate builds it."""
         seq = [self.ids.sot]
         config = self.model.generation_config
@@ -158,80 +161,96 @@ class Transcriber:
             seq.append(self.ids.no_timestamps)
         return seq
 
-    def _language_id(self, language: str) -> int:
+    def language_id(self, language: str) -> int:
         lang_to_id = getattr(self.model.generation_config, "lang_to_id", None) or {}
         token = language if language.startswith("<|") else f"<|{language.lower()}|>"
         if token not in lang_to_id:
             raise SlimWhisperError(f"language {language!r} is not one this model knows ({len(lang_to_id)} languages)")
         return lang_to_id[token]
 
-    @torch.inference_mode()
     def detect_language(self, encoder_out: torch.Tensor) -> list[int]:
-        """Most likely language token per row: the SOT-step logits restricted to the language tokens."""
+        """Most likely language token per row."""
+        return self.language_probabilities(encoder_out)[0]
+
+    @torch.inference_mode()
+    def language_probabilities(self, encoder_out: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Most likely language token per row and its probability: the SOT step's softmax over the language
+        tokens, as openai-whisper and transformers detect the language."""
         from .cache import StaticEncoderDecoderCache
 
         lang_ids = sorted((getattr(self.model.generation_config, "lang_to_id", None) or {}).values())
         cache = StaticEncoderDecoderCache.for_model(self.model, encoder_out.shape[0], 1, dtype=encoder_out.dtype)
         sot = torch.full((encoder_out.shape[0], 1), self.ids.sot, dtype=torch.long, device=self.device)
-        logits = self.runner(sot, cache, encoder_out)[:, lang_ids]
-        return [lang_ids[i] for i in logits.argmax(dim=-1).tolist()]
+        probs, best = self.runner(sot, cache, encoder_out)[:, lang_ids].float().softmax(dim=-1).max(dim=-1)
+        return [lang_ids[i] for i in best.tolist()], probs.tolist()
 
     def _prompt_tokens(self, text: str | None) -> list[int]:
         if not text:
             return []
         return self.processor.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
 
-    def _decode_text(self, tokens: list[int]) -> str:
+    def decode_text(self, tokens: list[int]) -> str:
+        """Text of generated tokens (timestamps and other special tokens left out)."""
         return self.processor.tokenizer.decode([t for t in tokens if t < self.ids.eot], skip_special_tokens=True)
 
+    def _language_name(self, lang_id: int | None) -> str | None:
+        if lang_id is None:
+            return None if self.multilingual else "en"
+        return self.processor.tokenizer.convert_ids_to_tokens(lang_id).strip("<|>")
+
     # ---------------------------------------------------------------- core
-    def _features(self, audios: Sequence[np.ndarray]) -> torch.Tensor:
+    def features(self, audios: Sequence[np.ndarray]) -> torch.Tensor:
+        """Log-mel features [B, mels, 3000] of ≤30-s pieces (each zero-padded to 30 s)."""
         feats = self.processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return feats.input_features.to(device=self.device, dtype=self.dtype)
 
-    def _needs_fallback(self, res: Decoded, text: str, thresholds: dict) -> bool:
-        ratio, logprob, nospeech = thresholds["compression"], thresholds["logprob"], thresholds["no_speech"]
-        if nospeech is not None and logprob is not None and res.no_speech_prob > nospeech and res.avg_logprob < logprob:
-            return False  # silence: keep (it will be dropped), do not retry
-        if ratio is not None and compression_ratio(text) > ratio:
-            return True
-        return logprob is not None and res.avg_logprob < logprob
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.runner.encode(features)
 
-    def _decode_rows(
-        self, encoder_out, prompts: list[list[int]], timestamps: bool, temperatures, thresholds
-    ) -> list[Decoded]:
+    def log_mel(self, audio: np.ndarray) -> torch.Tensor:
+        """Log-mel features [mels, frames + 3000] of a whole recording followed by 30 s of silence.
+
+        One spectrogram for the recording, as openai-whisper computes it: windows sliced from it share one
+        level normalisation, and the last window is padded with real silence.
+        """
+        padded = np.concatenate([audio, np.zeros(CHUNK_SAMPLES, dtype=np.float32)])
+        feats = self.processor.feature_extractor(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                                 truncation=False, padding="longest")
+        return feats.input_features[0].to(device=self.device, dtype=self.dtype)
+
+    def _decode(self, enc, prompt: torch.Tensor, timestamps: bool, temperature: float) -> list[Decoded]:
+        t0 = time.perf_counter()
+        if self.beam_size > 1 and temperature == 0:
+            decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size,
+                                  timestamps=timestamps, length_penalty=self.length_penalty, patience=self.patience)
+        else:
+            decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temperature)
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["steps"] += max(len(r.tokens) + 1 for r in decoded)
+        self.stats["tokens"] += sum(len(r.tokens) + 1 for r in decoded)
+        return decoded
+
+    def decode_rows(self, encoder_out: torch.Tensor, prompts: list[list[int]], timestamps: bool,
+                    temperatures: Sequence[float], thresholds: Thresholds) -> list[Decoded]:
         """Decode rows (grouped by prompt length), retrying failing rows at the next temperature."""
         results: list[Decoded | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
+        self.stats["windows"] += len(prompts)
         for i_t, temp in enumerate(temperatures):
-            last = i_t == len(temperatures) - 1
             for length in sorted({len(prompts[i]) for i in todo}):
                 rows = [i for i in todo if len(prompts[i]) == length]
                 prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 enc = encoder_out[rows] if len(rows) != encoder_out.shape[0] else encoder_out
-                t0 = time.perf_counter()
-                if self.beam_size > 1 and temp == 0:
-                    decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size,
-                                          timestamps=timestamps, length_penalty=self.length_penalty,
-                                          patience=self.patience)
-                else:
-                    decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temp)
-                self.stats["decode_s"] += time.perf_counter() - t0
-                self.stats["steps"] += max(len(r.tokens) + 1 for r in decoded)
-                self.stats["tokens"] += sum(len(r.tokens) + 1 for r in decoded)
-                for i, res in zip(rows, decoded):
+                for i, res in zip(rows, self._decode(enc, prompt, timestamps, temp)):
                     results[i] = res
-            todo = [i for i in todo if not last and self._needs_fallback(results[i], self._decode_text(
-                results[i].tokens), thresholds)]
+            if i_t == len(temperatures) - 1:
+                break
+            todo = [i for i in todo if thresholds.retry(results[i], self.decode_text(results[i].tokens))]
+            self.stats["retries"] += len(todo)
             if not todo:
                 break
         return results
-
-    def _is_silent(self, res: Decoded, thresholds: dict) -> bool:
-        nospeech, logprob = thresholds["no_speech"], thresholds["logprob"]
-        return (
-            nospeech is not None and res.no_speech_prob > nospeech and (logprob is None or res.avg_logprob < logprob)
-        )
 
     # ---------------------------------------------------------------- public API
     def transcribe(
@@ -241,10 +260,11 @@ class Transcriber:
         task: str = "transcribe",
         timestamps: bool = False,
         temperature: float | Sequence[float] = DEFAULT_TEMPERATURES,
-        condition_on_previous_text: bool = True,
+        condition_on_previous_text: bool = False,
         initial_prompt: str | None = None,
         *,
         mode: str = "batched",
+        vad: bool | None = None,
         compression_ratio_threshold: float | None = 2.4,
         logprob_threshold: float | None = -1.0,
         no_speech_threshold: float | None = 0.6,
@@ -253,10 +273,18 @@ class Transcriber:
         """Transcribe one input (path or 16 kHz float32 array) or a list of them.
 
         Args:
-            mode: "batched" (30-s windows of all inputs decoded as independent rows; the fast default) or
-                "sequential" (windows advance by predicted timestamps, conditioned on the previous text).
-            temperature: one value or the fallback ladder; a row is retried at the next temperature when its
-                compression ratio or average log-probability crosses the thresholds (openai-whisper's rule).
+            mode: "batched" (speech packed into ≤30-s windows cut at silences, all windows of all inputs
+                decoded as independent rows; the fast default) or "sequential" (windows advance by the
+                predicted timestamps).
+            timestamps: batched mode decodes with timestamp tokens, so segments get Whisper's own times
+                (without, a segment spans its window's speech); sequential mode always does.
+            condition_on_previous_text: sequential mode prompts each window with the previous windows'
+                tokens (openai-whisper's default). Off by default, as in transformers: on tiny.en it cost
+                WER on most long recordings we measured (BENCHMARKS.md), and it lets one error loop on.
+            vad: find speech with the voice activity detector (default: the Transcriber's setting). Without
+                it, batched mode cuts fixed 30-s windows and sequential mode decodes every window.
+            temperature: one value or the fallback ladder; a window is retried at the next temperature when
+                its compression ratio or average log-probability crosses the thresholds (openai-whisper's rule).
         Returns:
             a `Transcription` for a single input, else a list in input order.
         """
@@ -264,92 +292,222 @@ class Transcriber:
         items = [audio_or_list] if single else list(audio_or_list)
         audios = [np.asarray(a, dtype=np.float32) if isinstance(a, np.ndarray) else load_audio(a) for a in items]
         temps = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
-        thresholds = {"compression": compression_ratio_threshold, "logprob": logprob_threshold,
-                      "no_speech": no_speech_threshold}
-        lang_id = self._language_id(language) if (language and self.multilingual) else None
+        thresholds = Thresholds(compression_ratio_threshold, logprob_threshold, no_speech_threshold)
+        lang_id = self.language_id(language) if (language and self.multilingual) else None
+        vad = self.vad if vad is None else vad
         if mode == "batched":
-            out = self._batched(audios, lang_id, task, timestamps, temps, thresholds, initial_prompt, progress)
+            out = self._batched(audios, lang_id, task, timestamps, temps, thresholds, initial_prompt, vad, progress)
         elif mode == "sequential":
-            out = [self._sequential(a, lang_id, task, temps, thresholds, condition_on_previous_text,
-                                    initial_prompt, timestamps) for a in audios]
+            options = (lang_id, task, temps, thresholds, condition_on_previous_text, initial_prompt, vad)
+            sources = _progress(audios, progress, "transcribe", "file")
+            out = [self._sequential(a, *options) for a in sources]
         else:
             raise SlimWhisperError(f"unknown mode {mode!r}; choose 'batched' or 'sequential'")
         return out[0] if single else out
 
-    def _language_name(self, lang_id: int | None) -> str | None:
-        if lang_id is None:
-            return None if self.multilingual else "en"
-        return self.processor.tokenizer.convert_ids_to_tokens(lang_id).strip("<|>")
+    # ---------------------------------------------------------------- batched mode
+    def windows(self, audio: np.ndarray, source: int = 0, vad: bool = True) -> list[_Window]:
+        """The ≤30-s windows batched mode decodes: speech packed at silences, or fixed 30-s cuts without VAD.
 
-    def _batched(self, audios, lang_id, task, timestamps, temps, thresholds, initial_prompt, progress):
-        windows = [w for i, a in enumerate(audios) for w in split_windows(a, i)]
+        A recording of at most 30 s with any speech in it is one window, whole, as short-form Whisper
+        decodes it (so the engine's text is `generate`'s).
+        """
+        if not vad:
+            return [_Window(source, a / SAMPLE_RATE, audio[a:b]) for a, b in window_spans(len(audio))]
+        regions, spans = find_speech(audio)
+        if len(audio) <= CHUNK_SAMPLES and spans:
+            spans = [(0, len(audio))]
+        return [_Window(source, a / SAMPLE_RATE, audio[a:b], speech=[(max(r0, a) - a, min(r1, b) - a)
+                for r0, r1 in regions if r1 > a and r0 < b]) for a, b in spans]
+
+    def _batched(self, audios, lang_id, task, timestamps, temps, thresholds, initial_prompt, vad, progress):
+        queue = [w for i, a in enumerate(audios) for w in self.windows(a, i, vad)]
+        for w in queue:
+            w.timestamps = timestamps
         prev = self._prompt_tokens(initial_prompt)
         prev = [self.ids.prev_sot, *prev] if prev else []
-        batches = range(0, len(windows), self.batch_size)
-        if progress:
-            from tqdm import tqdm
+        file_language: dict[int, int | None] = {}
+        done: list[_Window] = []
+        bar = _progress(None, progress, "transcribe", "window", total=len(queue))
+        while queue:
+            chunk, queue = queue[: self.batch_size], queue[self.batch_size :]
+            enc = self.encode(self.features([w.audio for w in chunk]))
+            self._assign_languages(chunk, enc, lang_id, file_language)
+            self._decode_windows(chunk, enc, prev, task, temps, thresholds)
+            for w in chunk:
+                rest = self._rest_of(w, thresholds) if w.timestamps else None
+                if rest is not None:
+                    queue.append(rest)
+                    self.stats["continued"] += 1
+                done.append(w)
+            if not queue:  # all decoded: windows whose text is implausibly short go again, with timestamps
+                queue = stopped_early(done, thresholds)
+                done = [w for w in done if w not in queue]
+                for w in queue:
+                    w.timestamps = True
+                self.stats["redecoded"] += len(queue)
+            bar.total = len(done) + len(queue)
+            bar.update(len(chunk))
+        bar.close()
+        done.sort(key=lambda w: (w.source, w.offset))
+        by_source = [[w for w in done if w.source == i] for i in range(len(audios))]
+        return [self._assemble(a, ws, thresholds, lang_id) for a, ws in zip(audios, by_source)]
 
-            batches = tqdm(batches, desc="transcribe", unit="batch")
-        for start in batches:
-            chunk = windows[start : start + self.batch_size]
-            with torch.inference_mode():
-                enc = self.runner.encode(self._features([w.audio for w in chunk]))
-            langs = [lang_id] * len(chunk)
-            if self.multilingual and lang_id is None:
-                langs = self.detect_language(enc)
-            prompts = [prev + self._sot_sequence(lg, task, timestamps) for lg in langs]
-            for w, res, lg in zip(chunk, self._decode_rows(enc, prompts, timestamps, temps, thresholds), langs):
-                w.result, w.language = res, self._language_name(lg)
-        by_source = [[w for w in windows if w.source == i] for i in range(len(audios))]
-        return [self._assemble(a, ws, thresholds) for a, ws in zip(audios, by_source)]
+    def _decode_windows(self, chunk: list[_Window], enc: torch.Tensor, prev: list[int], task: str,
+                        temps: Sequence[float], thresholds: Thresholds) -> None:
+        """Decode a batch of windows, those with timestamps and those without as two groups."""
+        for timestamps in (False, True):
+            rows = [i for i, w in enumerate(chunk) if w.timestamps == timestamps]
+            if not rows:
+                continue
+            prompts = [prev + self.sot_sequence(chunk[i].language, task, timestamps) for i in rows]
+            sub = enc if len(rows) == len(chunk) else enc[rows]
+            for i, res in zip(rows, self.decode_rows(sub, prompts, timestamps, temps, thresholds)):
+                chunk[i].result = res
 
-    def _assemble(self, audio: np.ndarray, windows: list[_Window], thresholds: dict) -> Transcription:
+    def _rest_of(self, window: _Window, thresholds: Thresholds, min_speech_s: float = 0.5) -> _Window | None:
+        """The part of a decoded window after its last segment, when the detector heard speech there, else None.
+
+        Whisper ends a window early when it expects the next window to carry on (the sequential algorithm),
+        and now and then it stops although speech follows; the rest becomes a window of its own, decoded in
+        a later batch, and this window keeps only its closed segments.
+        """
+        if thresholds.silent(window.result) or not window.speech:
+            return None
+        found = window_segments(window.result.tokens, self.ids.timestamp_begin, -(-len(window.audio) // HOP))
+        cut = found.segments[-1][1] * FRAMES_PER_TIMESTAMP * HOP if found.segments else 0
+        if cut <= 0 or overlap(window.speech, cut, len(window.audio)) < min_speech_s * SAMPLE_RATE:
+            return None
+        window.extras["closed"] = found.segments
+        return _Window(window.source, window.offset + cut / SAMPLE_RATE, window.audio[cut:],
+                       speech=[(max(a - cut, 0), b - cut) for a, b in window.speech if b > cut])
+
+    def _assign_languages(self, chunk: list[_Window], enc, lang_id, file_language: dict) -> None:
+        """Each window's language: given, else detected (`pick_language`); a file's first window sets the file's."""
+        if lang_id is not None or not self.multilingual:
+            for w in chunk:
+                w.language = lang_id
+            return
+        for w, lang, p in zip(chunk, *self.language_probabilities(enc)):
+            w.language = pick_language(lang, p, file_language.setdefault(w.source, lang))
+
+    def _assemble(self, audio: np.ndarray, windows: list[_Window], thresholds: Thresholds,
+                  lang_id: int | None) -> Transcription:
+        """A recording's transcript from its decoded windows; its language is the one most of its windows had."""
         duration = len(audio) / SAMPLE_RATE
+        heard = Counter({lang_id: 0.0})
+        for w in windows:
+            heard[w.language] += len(w.audio)
+        lang_id = heard.most_common(1)[0][0]
         segments: list[Segment] = []
         for w in windows:
-            if self._is_silent(w.result, thresholds):
-                continue
-            end = min(duration, w.offset + len(w.audio) / SAMPLE_RATE)
-            segments += parse_segments(w.result.tokens, self.ids.timestamp_begin, w.offset, end, self._decode_text)
+            if thresholds.silent(w.result):
+                self.stats["silent_windows"] += 1
+            elif "closed" in w.extras:  # the rest of the window was decoded as a window of its own
+                segments += [Segment(w.offset + a * SECONDS_PER_TIMESTAMP, w.offset + b * SECONDS_PER_TIMESTAMP,
+                                     self.decode_text(toks)) for a, b, toks in w.extras["closed"]]
+            else:
+                end = min(duration, w.offset + len(w.audio) / SAMPLE_RATE)
+                segments += parse_segments(w.result.tokens, self.ids.timestamp_begin, w.offset, end,
+                                           self.decode_text)
+        segments = [s for s in segments if s.text.strip()]
         text = "".join(s.text for s in segments).strip()
-        return Transcription(text, segments, windows[0].language if windows else None, duration)
+        return Transcription(text, segments, self._language_name(lang_id), duration)
 
-    def _sequential(self, audio, lang_id, task, temps, thresholds, condition, initial_prompt, timestamps):
-        """openai-style: seek by the last complete timestamp pair, prompt with the previous text."""
-        duration = len(audio) / SAMPLE_RATE
-        history = self._prompt_tokens(initial_prompt)
+    # ---------------------------------------------------------------- sequential mode
+    def _sequential(self, audio, lang_id, task, temps, thresholds, condition, initial_prompt, vad) -> Transcription:
+        """openai-whisper's long-form loop over one recording (see `sequential`)."""
+        speech = _speech_frames(audio) if vad else None
+        segments, lang_id = self.sequential(self.log_mel(audio), len(audio) // HOP, lang_id, task, temps, thresholds,
+                                            condition, self._prompt_tokens(initial_prompt), speech)
+        text = "".join(s.text for s in segments).strip()
+        return Transcription(text, segments, self._language_name(lang_id), len(audio) / SAMPLE_RATE)
+
+    def sequential(self, mel: torch.Tensor, frames: int, lang_id: int | None, task: str, temps: Sequence[float],
+                   thresholds: Thresholds, condition: bool = True, history: Sequence[int] = (),
+                   speech: list[tuple[int, int]] | None = None) -> tuple[list[Segment], int | None]:
+        """Segments of the first `frames` frames of `mel` [mels, >= frames + 3000], window after window.
+
+        Each window starts where the previous one's last closed segment ended and is conditioned on the
+        tokens before it (`history` first); `speech` (frame ranges) lets windows without speech be skipped.
+        Returns the segments and the language (given, else detected per window: `pick_language`) that most
+        of the decoded audio had.
+        """
+        history, max_history = list(history), self.model.config.max_target_positions // 2 - 1
         segments: list[Segment] = []
-        seek, language = 0, None
-        max_prompt = self.model.config.max_target_positions // 2 - 1
-        while seek < len(audio):
-            piece = audio[seek : seek + CHUNK_SAMPLES]
-            offset = seek / SAMPLE_RATE
-            with torch.inference_mode():
-                enc = self.runner.encode(self._features([piece]))
-            lg = lang_id if lang_id is not None or not self.multilingual else self.detect_language(enc)[0]
-            language = language or self._language_name(lg)
-            prev = [self.ids.prev_sot, *history[-max_prompt:]] if history else []
-            res = self._decode_rows(enc, [prev + self._sot_sequence(lg, task, True)], True, temps, thresholds)[0]
-            seek_step = len(piece)
-            if not self._is_silent(res, thresholds):
-                end = min(duration, offset + len(piece) / SAMPLE_RATE)
-                segments += parse_segments(res.tokens, self.ids.timestamp_begin, offset, end, self._decode_text)
-                seek_step = self._seek_step(res.tokens, len(piece))
-                text_tokens = [t for t in res.tokens if t < self.ids.eot]
-                history = history + text_tokens if condition and res.temperature <= 0.5 else []
-            seek += seek_step
-        if not timestamps:
-            segments = [Segment(s.start, s.end, s.text) for s in segments]
-        text = "".join(s.text for s in segments).strip()
-        return Transcription(text, segments, language, duration)
+        seek, recording, heard = 0, None, Counter()
+        while True:
+            seek = _next_speech(seek, speech) if speech is not None else seek
+            if seek >= frames:
+                return [s for s in segments if s.text.strip()], (heard.most_common(1)[0][0] if heard else lang_id)
+            size = min(WINDOW_FRAMES, frames - seek)
+            enc = self.encode(mel[None, :, seek : seek + WINDOW_FRAMES])
+            language = lang_id
+            if lang_id is None and self.multilingual:
+                (detected,), (p,) = self.language_probabilities(enc)
+                recording = recording or detected
+                language = pick_language(detected, p, recording)
+            prev = [self.ids.prev_sot, *history[-max_history:]] if history else []
+            res = self.decode_rows(enc, [prev + self.sot_sequence(language, task, True)], True, temps, thresholds)[0]
+            if thresholds.silent(res):
+                self.stats["silent_windows"] += 1
+                seek += size
+                continue
+            found = window_segments(res.tokens, self.ids.timestamp_begin, size)
+            offset = seek * HOP / SAMPLE_RATE
+            segments += [Segment(offset + a * SECONDS_PER_TIMESTAMP, offset + b * SECONDS_PER_TIMESTAMP,
+                                 self.decode_text(toks)) for a, b, toks in found.segments]
+            history = history + found.history if condition and res.temperature <= 0.5 else []
+            advance = max(found.advance, FRAMES_PER_TIMESTAMP)  # always move on, even on a degenerate window
+            heard[language] += advance
+            seek += advance
 
-    def _seek_step(self, tokens: list[int], window: int) -> int:
-        """Samples to advance: to the last closed timestamp when the window ends mid-speech, else the window."""
-        tb = self.ids.timestamp_begin
-        ts = [t for t in tokens if t >= tb]
-        single_ending = len(tokens) >= 2 and tokens[-1] >= tb and tokens[-2] < tb
-        if ts and not single_ending and window == CHUNK_SAMPLES:
-            step = int((ts[-1] - tb) * TIME_PER_TIMESTAMP * SAMPLE_RATE)
-            if step > 0:
-                return step
-        return window
+
+def pick_language(detected: int, probability: float, recording: int) -> int:
+    """A window's language: the one detected in it when the detector is sure (a recording may change language,
+    as a multilingual meeting does), else its recording's (set by the recording's first window)."""
+    return detected if probability >= LANGUAGE_SWITCH else recording
+
+
+def stopped_early(windows: list[_Window], thresholds: Thresholds, min_speech_s: float = 3.0,
+                  rel_rate: float = 0.5, min_rate: float = 1.5) -> list[_Window]:
+    """Windows decoded without timestamps whose text is implausibly short for the speech the detector heard.
+
+    Whisper without timestamps now and then ends a window after its first sentences. Such a window yields
+    far fewer tokens per second of speech than its recording's other windows (below `rel_rate` times their
+    median), or than any speech does (`min_rate`: speech in any language gives several tokens a second).
+    """
+    def rate(w: _Window) -> float:
+        return len(w.result.tokens) / (overlap(w.speech, 0, len(w.audio)) / SAMPLE_RATE)
+
+    judged = [w for w in windows if not w.timestamps and not thresholds.silent(w.result)
+              and overlap(w.speech, 0, len(w.audio)) >= min_speech_s * SAMPLE_RATE]
+    out = []
+    for source in {w.source for w in judged}:
+        mine = [w for w in judged if w.source == source]
+        floor = max(min_rate, rel_rate * float(np.median([rate(w) for w in mine])))
+        out += [w for w in mine if rate(w) < floor]
+    return sorted(out, key=lambda w: (w.source, w.offset))
+
+
+def _speech_frames(audio: np.ndarray) -> list[tuple[int, int]]:
+    """Speech regions of `audio` in log-mel frames."""
+    regions = speech_regions(speech_probabilities(audio), len(audio), VADOptions())
+    return [(a // HOP, -(-b // HOP)) for a, b in regions]
+
+
+def _next_speech(seek: int, speech: list[tuple[int, int]]) -> int:
+    """`seek` if speech starts within a window from it, else the start of the next speech (or past the end)."""
+    for start, end in speech:
+        if end > seek:
+            return seek if start < seek + WINDOW_FRAMES else start
+    return 1 << 62
+
+
+def _progress(items, show: bool, desc: str, unit: str, total: int | None = None):
+    """`items` with a tqdm bar when `show` (with items None: a bar to update by hand, or a silent stand-in)."""
+    from tqdm import tqdm
+
+    if items is None:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not show)
+    return tqdm(items, desc=desc, unit=unit) if show else items

@@ -1,0 +1,158 @@
+"""Long-form transcription: sequential mode equals transformers' long-form `generate`; batched mode's windows."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, byte_whisper_pair
+from slimwhisper.audio import SAMPLE_RATE
+from slimwhisper.engine.transcriber import WINDOW_FRAMES, Thresholds, Transcriber
+
+SIZE = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=96)
+
+
+def long_form_model(seed: int):
+    model, processor, _ = byte_whisper_pair(SIZE, ("en",), False, seed=seed, timestamps=True, max_length=96)
+    with torch.no_grad():
+        model.model.encoder.conv1.weight.mul_(20)  # the audio drives the output
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.v_proj.weight.mul_(8)
+    return model, processor
+
+
+def random_mel(frames: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(80, frames, generator=gen) * 0.5 + torch.randn(80, 1, generator=gen)
+
+
+def generate_long_form(model, mel: torch.Tensor, condition: bool):
+    """transformers' long-form generate on features [80, frames]: (start, end, tokens) per segment.
+
+    A window's last closed segment keeps both timestamps of its closing pair there; the second belongs to
+    the cut-off text that follows, so it is dropped here, as transformers drops it from the next prompt."""
+    out = model.generate(mel[None], attention_mask=torch.ones(1, mel.shape[1], dtype=torch.long),
+                         return_timestamps=True, return_segments=True, condition_on_prev_tokens=condition)
+    ts_begin = model.generation_config.no_timestamps_token_id + 1
+    segments = []
+    for s in out["segments"][0]:
+        tokens = s["tokens"].tolist()
+        if len(tokens) > 2 and tokens[-2] >= ts_begin:
+            tokens = tokens[:-1]
+        segments.append((round(float(s["start"]), 2), round(float(s["end"]), 2), tokens))
+    return segments
+
+
+@pytest.mark.parametrize("seed,condition", [(0, False), (1, True), (2, True)])
+def test_sequential_equals_transformers_long_form(seed, condition):
+    """Same features, same windows, same tokens: seeking, timestamps, the previous-text prompt and its cut-off."""
+    model, processor = long_form_model(seed)
+    mel = random_mel(7300, seed)
+    expected = generate_long_form(model, mel, condition)
+    engine = Transcriber(model, processor, vad=False)
+    padded = torch.nn.functional.pad(mel, (0, WINDOW_FRAMES))  # transformers pads a short last window with zeros
+    decoded_segments = []
+    original = engine.decode_text
+    engine.decode_text = lambda toks: decoded_segments.append(list(toks)) or original(toks)
+    segments, _ = engine.sequential(padded, mel.shape[1], None, "transcribe", (0.0,), Thresholds(None, None, None),
+                                    condition)
+    assert [toks for toks in decoded_segments] == [toks for _, _, toks in expected]
+    kept = [(a, b) for a, b, toks in expected if engine.decode_text(toks).strip()]
+    assert [(round(s.start, 2), round(s.end, 2)) for s in segments] == kept
+    assert len(expected) > 3 and engine.stats["windows"] >= 3  # several windows, several segments each
+
+
+def test_silence_gives_no_text_in_either_mode():
+    model, processor = long_form_model(0)
+    engine = Transcriber(model, processor)
+    silence = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
+    for mode in ("batched", "sequential"):
+        result = engine.transcribe(silence, mode=mode)
+        assert result.text == "" and result.segments == [] and result.duration == 5.0
+    assert engine.stats["windows"] == 0
+
+
+def test_batched_windows_follow_the_speech_or_fixed_cuts():
+    model, processor = long_form_model(0)
+    engine = Transcriber(model, processor)
+    audio = np.zeros(65 * SAMPLE_RATE, dtype=np.float32)
+    fixed = engine.windows(audio, 3, vad=False)
+    assert [w.offset for w in fixed] == [0.0, 30.0, 60.0] and len(fixed[-1].audio) == 5 * SAMPLE_RATE
+    assert {w.source for w in fixed} == {3}
+    assert engine.windows(audio, 0, vad=True) == []
+
+
+# ------------------------------------------------------------------ real weights, minutes of real speech
+REALSPEECH = SHARED_DATA / "realspeech" / "manifest.jsonl"
+needs_realspeech = pytest.mark.skipif(not REALSPEECH.is_file(), reason=f"{REALSPEECH} not found")
+
+
+def joined_realspeech(language: str, step: int) -> tuple[np.ndarray, str]:
+    """Every `step`-th realspeech clip of `language` (so every source is in) joined with 0.6 s pauses, and
+    their joined references."""
+    from slimwhisper.audio import load_audio
+    from slimwhisper.bench.longform import join_recordings
+
+    rows = [json.loads(line) for line in REALSPEECH.open()]
+    rows = [r for r in rows if r["lang"] == language][::step]
+    return join_recordings([load_audio(REALSPEECH.parent / r["audio"]) for r in rows], [r["text"] for r in rows], 0.6)
+
+
+def word_error_rate(ref: str, hyp: str, language: str) -> float:
+    from slimwhisper.eval.metrics import word_errors
+    from slimwhisper.eval.normalize import normalize
+
+    counts = word_errors(normalize(ref, language), normalize(hyp, language))
+    return 100 * counts.errors / counts.n_ref
+
+
+def generate_long_form_text(model, processor, audio: np.ndarray) -> str:
+    from slimwhisper.transcribe import generate_texts, generation_kwargs
+
+    return generate_texts(model, processor, [audio], long_form=True, **generation_kwargs(model, None, 1))[0]
+
+
+@pytest.mark.real
+@needs_realspeech
+@pytest.mark.parametrize("name,language,step", [("tiny.en", "en", 3), ("base", "de", 1)])
+def test_long_recordings_keep_their_words(name, language, step):
+    """Minutes of joined real speech: sequential mode gives `generate`'s long-form words, batched mode is as
+    accurate, and both keep the words at window edges (few deletions)."""
+    import slimwhisper as sw
+
+    audio, reference = joined_realspeech(language, step)
+    assert len(audio) > 2 * 30 * SAMPLE_RATE  # several windows
+    model, processor = sw.load(name)
+    engine = Transcriber(model, processor)
+    expected = generate_long_form_text(model, processor, audio)
+    sequential = engine.transcribe(audio, mode="sequential")
+    batched = engine.transcribe(audio)
+    assert word_error_rate(expected, sequential.text, language) <= 1.0
+    reference_wer = word_error_rate(reference, expected, language)
+    assert word_error_rate(reference, sequential.text, language) <= reference_wer + 0.3
+    assert word_error_rate(reference, batched.text, language) <= reference_wer + 1.0
+    assert sequential.language == batched.language == language
+    ends = [s.end for s in batched.segments]
+    assert ends == sorted(ends) and ends[-1] <= len(audio) / SAMPLE_RATE
+
+
+def test_windows_keep_their_recordings_language_unless_sure_of_another():
+    """A recording's first window sets its language; a later window switches only when the detector is sure."""
+    from slimwhisper.engine.transcriber import _Window
+
+    model, processor, ids = byte_whisper_pair(SIZE, ("en", "de"), True, seed=0)
+    engine = Transcriber(model, processor)
+    en, de = ids["<|en|>"], ids["<|de|>"]
+    outcomes = {1: (de, 0.9), 2: (en, 0.3), 3: (en, 0.9)}  # a fake detector: code in the encoder output
+    engine.language_probabilities = lambda enc: tuple(zip(*[outcomes[int(row[0, 0])] for row in enc]))
+    piece = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    chunk = [_Window(0, 0.0, piece), _Window(0, 30.0, piece), _Window(1, 0.0, piece), _Window(0, 60.0, piece)]
+    enc = torch.tensor([1.0, 2.0, 2.0, 3.0])[:, None, None].expand(4, 2, 3)
+    languages: dict = {}
+    engine._assign_languages(chunk, enc, None, languages)
+    assert [w.language for w in chunk] == [de, de, en, en] and languages == {0: de, 1: en}
+    engine._assign_languages(chunk, enc, de, {})
+    assert [w.language for w in chunk] == [de] * 4  # a given language wins
