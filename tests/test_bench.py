@@ -91,7 +91,7 @@ def test_step_traffic_counts_decoder_weights_once_and_caches_by_kind(tiny_model)
 
 
 def test_decode_bench_adds_an_unfolded_entry_only_when_folding(tiny_model, slim):
-    small = sw.convert(tiny_model, sw.MLAConfig(latent_dim=8, factorization="joint"))  # folds both (SPEC 3.3)
+    small = sw.convert(tiny_model, sw.MLAConfig(latent_dim=8, factorization="joint"))  # folds both (docs/mla.md)
     kwargs = dict(batch=1, cache_len=4, repeats=1, warmup=0, encoder_frames=10, materialized=False)
     assert set(bench_decode(small, **kwargs)["ms_per_token"]) == {"model", "model_unfolded"}
     assert set(bench_decode(small, fold="never", **kwargs)["ms_per_token"]) == {"model"}

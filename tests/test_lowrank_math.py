@@ -47,7 +47,7 @@ def test_dense_when_no_saving_with_nonstrict_bound():
 
 
 def test_edge_bug_no_multiple_passes_stays_dense_never_larger():
-    """SPEC 4.3: LiteASR fell through to d_out - 1 components when no multiple of 16 below d_out passed."""
+    """LiteASR fell through to d_out - 1 components when no multiple of 16 below d_out passed (docs/lowrank.md)."""
     values = torch.ones(64)  # flat spectrum: 48/64 = 0.75 is the best ratio below d_out
     for dense_rule in (True, False):
         assert energy_rank(values, 0.9, 16, 64, 64, "squared", dense_if_no_saving=dense_rule) is None

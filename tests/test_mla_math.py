@@ -149,7 +149,7 @@ def test_absorbed_attention_on_strided_cache_views(r, mask_kind, need_weights):
 
 
 def test_fold_choice_follows_spec_examples():
-    """SPEC 3.3: tiny (H=6, h=64) with r=8, d_c=48 folds both; small (H=12) with r=8, d_c=96 folds neither."""
+    """docs/mla.md: tiny (H=6, h=64) with r=8, d_c=48 folds both; small (H=12) with r=8, d_c=96 folds neither."""
     assert fold_choice(6, 64, 8, 48) == (True, True)
     assert fold_choice(12, 64, 8, 96) == (False, False)
     assert fold_choice(6, 64, 0, 192) == (False, False)  # tiny at a 75% reduction

@@ -94,7 +94,7 @@ def test_absorbed_decode_equals_materialised(tiny_model, features, cfg):
 
 @pytest.mark.parametrize("kept", [0, 2])
 def test_folded_decode_equals_unfolded_and_follows_weight_changes(tiny_model, features, kept):
-    """SPEC 3.3 folding: a small latent folds both projections under "auto"; folded, unfolded and
+    """Folding (docs/mla.md): a small latent folds both projections under "auto"; folded, unfolded and
     materialised decoding agree, and folded weights are rebuilt when the weights change."""
     cfg = sw.MLAConfig(latent_dim=8, kept_dims=kept, modules=("decoder_self", "decoder_cross"), factorization="joint")
     slim = sw.convert(tiny_model, cfg).eval()

@@ -54,14 +54,10 @@ def test_sequential_equals_transformers_long_form(seed, condition):
     expected = generate_long_form(model, mel, condition)
     engine = Transcriber(model, processor, vad=False)
     padded = torch.nn.functional.pad(mel, (0, WINDOW_FRAMES))  # transformers pads a short last window with zeros
-    decoded_segments = []
-    original = engine.decode_text
-    engine.decode_text = lambda toks: decoded_segments.append(list(toks)) or original(toks)
     segments, _ = engine.sequential(padded, mel.shape[1], None, "transcribe", (0.0,), Thresholds(None, None, None),
                                     condition)
-    assert [toks for toks in decoded_segments] == [toks for _, _, toks in expected]
-    kept = [(a, b) for a, b, toks in expected if engine.decode_text(toks).strip()]
-    assert [(round(s.start, 2), round(s.end, 2)) for s in segments] == kept
+    kept = [(a, b, engine.decode_text(toks)) for a, b, toks in expected if engine.decode_text(toks).strip()]
+    assert [(round(s.start, 2), round(s.end, 2), s.text) for s in segments] == kept
     assert len(expected) > 3 and engine.stats["windows"] >= 3  # several windows, several segments each
 
 
@@ -156,3 +152,47 @@ def test_windows_keep_their_recordings_language_unless_sure_of_another():
     assert [w.language for w in chunk] == [de, de, en, en] and languages == {0: de, 1: en}
     engine._assign_languages(chunk, enc, de, {})
     assert [w.language for w in chunk] == [de] * 4  # a given language wins
+
+
+def test_fallback_retries_failing_rows_and_keeps_the_best_attempt():
+    """Rows that pass stay; failing rows go hotter; a row failing at every temperature keeps its most probable
+    attempt that does not loop (not the last one). Improbable rows are retried only when asked; loops always."""
+    from slimwhisper.engine.decode import Decoded
+
+    model, processor = long_form_model(0)
+    engine = Transcriber(model, processor)
+    calls = []
+    # row 0 passes at once; row 1 is improbable at every temperature, least so at 0.2; row 2 loops at 0.0 only
+    logprob = {0: {0.0: -0.1}, 1: {0.0: -3.0, 0.2: -1.5, 0.4: -2.0}, 2: {0.0: -0.2, 0.2: -0.3}}
+
+    def fake_decode(enc, prompt, timestamps, temperature):
+        rows = [int(r[0]) for r in prompt]
+        calls.append((temperature, rows))
+        tokens = {0: [65] * 3, 1: [66] * 3, 2: [67] * 200 if temperature == 0 else [67, 68, 69]}
+        return [Decoded(tokens[r], sum_logprob=4 * logprob[r][temperature], temperature=temperature) for r in rows]
+
+    engine._decode = fake_decode
+    prompts, enc = [[0, 1], [1, 1], [2, 1]], torch.zeros(3, 4, 64)
+    out = engine.decode_rows(enc, prompts, False, (0.0, 0.2, 0.4), Thresholds(retry_improbable=True))
+    assert calls == [(0.0, [0, 1, 2]), (0.2, [1, 2]), (0.4, [1])]
+    assert [r.temperature for r in out] == [0.0, 0.2, 0.2]
+    assert engine.stats["retries"] == 3 and engine.stats["windows"] == 3
+    calls.clear()
+    out = engine.decode_rows(enc, prompts, False, (0.0, 0.2, 0.4), Thresholds())  # default: loops only
+    assert calls == [(0.0, [0, 1, 2]), (0.2, [2])] and [r.temperature for r in out] == [0.0, 0.0, 0.2]
+    looping = Decoded([5] * 3, sum_logprob=-0.4)
+    best = Thresholds().best([Decoded([1], sum_logprob=-4.0), looping], lambda t: "la " * 50 if t == [5] * 3 else "x")
+    assert best.sum_logprob == -4.0  # the looping attempt is more probable, but it loops
+
+
+def test_sequential_skips_silence_and_resumes_where_speech_was_left_unheard():
+    from slimwhisper.engine.transcriber import _next_speech, _unheard_rest
+
+    speech = [(100, 900), (5000, 5600)]  # frames
+    assert _next_speech(0, speech) == 0  # speech within the window: decode from here
+    assert _next_speech(950, speech) == 5000 - 40  # 40 s of silence ahead: jump to just before the next speech
+    assert _next_speech(5600, speech) > 10**9  # no speech left: done
+    # a window [0, 3000) whose last segment ends at frame 600: 300 frames of speech follow, unheard
+    assert _unheard_rest(600, (0, 3000), speech)
+    assert not _unheard_rest(880, (0, 3000), speech)  # 0.2 s of speech after it: a word's tail, not a sentence
+    assert not _unheard_rest(0, (0, 3000), speech)  # nothing closed: nothing to resume from

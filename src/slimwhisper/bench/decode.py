@@ -17,7 +17,7 @@ into preallocated buffers and hands attention length-sliced views. "engine" time
 engine's own decode step (`engine.decode.DecoderRunner`: its static cache, fused projections and,
 on a CPU, its own cross-attention), i.e. what `Transcriber` users get per token. `--quantize int8` times both
 models with the engine's int8 linears; MLA models decode absorbed, folding the up-projections into
-q_proj/out_proj where SPEC 3.3 says it is cheaper (`--fold` forces it), and a model that folds gets
+q_proj/out_proj where docs/mla.md (folding) says it is cheaper (`--fold` forces it), and a model that folds gets
 a "model_unfolded" entry too.
 
 `traffic` puts the timings next to the least bytes a step must move (`memory.decode_step_traffic`:
@@ -169,7 +169,7 @@ def _mode_switch(model: nn.Module, mode: str, fold: str | None = None) -> Callab
 
 
 def folds_anything(model: nn.Module, fold: str) -> bool:
-    """Whether decoding with `fold` folds any MLA projection of `model` (SPEC 3.3)."""
+    """Whether decoding with `fold` folds any MLA projection of `model` (docs/mla.md, folding)."""
     return any(any(m.fold_plan(fold)) for m in model.modules() if isinstance(m, WhisperMLAAttention))
 
 
@@ -191,7 +191,7 @@ def time_decode(
     Entries are the names in `models` (MLA models in their default absorbed decode); for MLA models
     `materialized` adds "<name>_materialized" (K/V rebuilt from the latent every step); every cache
     kind after the first in `caches` adds entries suffixed "_<kind>". MLA entries decode with `fold`
-    ("auto", "never" or "always", SPEC 3.3); when that folds any projection, "<name>_unfolded" adds
+    ("auto", "never" or "always"; docs/mla.md, folding); when that folds any projection, "<name>_unfolded" adds
     the same model never folding, for comparison. Returns a JSON-able dict with
     `ms_per_token` per entry, `speedup` (the `baseline` entry's time / entry's), `tokens_per_s`,
     per-repeat times and the cache bytes held (and predicted by `slimwhisper.memory`) per model.
@@ -335,7 +335,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantise both models as the engine does (int8 linears, CPU) before timing")
     p.add_argument("--fold", choices=FOLD_MODES, default="auto",
-                   help="fold MLA up-projections into q_proj/out_proj: auto (where cheaper, SPEC 3.3), never, always")
+                   help="fold MLA up-projections into q_proj/out_proj: auto (if cheaper, docs/mla.md), never, always")
     add_model_run_args(p)
     return p
 

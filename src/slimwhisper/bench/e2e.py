@@ -57,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--long-form", action="store_true",
                    help="join the utterances into one long recording and run every long-form decoder on it")
     p.add_argument("--pause", type=float, default=0.6, help="seconds of silence between joined utterances")
+    p.add_argument("--languages", help="keep only utterances in these languages (comma-separated), and let every "
+                   "system detect the language (--language forces one)")
     p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
     p.add_argument("--per-token-rounds", type=int, default=4,
                    help="interleaved rounds of the per-token comparison (the fastest counts: more rounds, "
@@ -298,8 +300,11 @@ def run(args: argparse.Namespace) -> int:
         raise SlimWhisperError(f"--per-token-rounds must be at least 1, got {args.per_token_rounds}")
     threads = set_threads(args.threads)
     samples = list(open_dataset(args.data, keep_language=args.language, limit=args.limit))
+    if args.languages:
+        wanted = {code.strip().lower() for code in args.languages.split(",")}
+        samples = [s for s in samples if s.language in wanted]
     if not samples:
-        raise SlimWhisperError(f"no utterances in {args.data}")
+        raise SlimWhisperError(f"no utterances in {args.data}" + (f" in {args.languages}" if args.languages else ""))
     if args.long_form:
         return _report(_long_form(args, samples, threads), args)
     args.systems = args.systems or list(SYSTEMS)

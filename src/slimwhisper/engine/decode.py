@@ -205,7 +205,7 @@ def self_attention(
 class FusedMLA:
     """An MLA layer's decode-step projections: [query | latent | kept key dims] of `x` as one linear.
 
-    With `query_folded` the query part has U_k folded in (SPEC 3.3); `output`, when set, is out_proj
+    With `query_folded` the query part has U_k folded in (docs/mla.md, folding); `output`, when set, is out_proj
     with U_v folded in, applied to the mixed latents.
     """
 

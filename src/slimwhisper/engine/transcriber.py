@@ -41,10 +41,11 @@ from .segments import (
     parse_segments,
     window_segments,
 )
-from .vad import VADOptions, find_speech, overlap, speech_probabilities, speech_regions
+from .vad import find_speech, overlap
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LANGUAGE_SWITCH = 0.5  # a window leaves its recording's language only when this sure of another
+REST_MIN_SPEECH_S = 0.5  # speech after a window's last segment that is worth a window of its own
 HOP = 160  # samples per log-mel frame
 WINDOW_FRAMES = CHUNK_SAMPLES // HOP  # 3000 log-mel frames in one window
 
@@ -67,16 +68,32 @@ class _Window:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """openai-whisper's retry and no-speech rules (None turns a rule off)."""
+    """openai-whisper's retry and no-speech rules (None turns a rule off).
+
+    A window is retried hotter when its text loops (compression ratio above `compression`) and, with
+    `retry_improbable`, also when its average log-probability is below `logprob` (openai-whisper's full rule).
+    Retrying merely improbable windows is off by default: on the multilingual long recordings we measured, the
+    sampled retries were no better than the greedy text and made results vary from run to run, while loops
+    are what sampling repairs. `logprob` still serves the no-speech gate.
+    """
 
     compression: float | None = 2.4
     logprob: float | None = -1.0
     no_speech: float | None = 0.6
+    retry_improbable: bool = False
 
     def silent(self, res: Decoded) -> bool:
         """The no-speech gate: P(<|nospeech|>) high and (with a log-prob rule) the text improbable."""
         return (self.no_speech is not None and res.no_speech_prob > self.no_speech
                 and (self.logprob is None or res.avg_logprob < self.logprob))
+
+    def best(self, attempts: list[Decoded], decode_text) -> Decoded:
+        """The attempt to keep when every temperature failed: the most probable one that does not loop
+        (faster-whisper's rule; openai-whisper keeps the last, hottest attempt)."""
+        looping = [self.compression is not None and compression_ratio(decode_text(a.tokens)) > self.compression
+                   for a in attempts]
+        candidates = [a for a, loops in zip(attempts, looping) if not loops] or attempts
+        return max(candidates, key=lambda a: a.avg_logprob)
 
     def retry(self, res: Decoded, text: str) -> bool:
         """Whether a window's result should be decoded again at the next temperature."""
@@ -84,7 +101,7 @@ class Thresholds:
             return False  # silence: kept (and dropped), not retried
         if self.compression is not None and compression_ratio(text) > self.compression:
             return True
-        return self.logprob is not None and res.avg_logprob < self.logprob
+        return self.retry_improbable and self.logprob is not None and res.avg_logprob < self.logprob
 
 
 class Transcriber:
@@ -110,6 +127,7 @@ class Transcriber:
         length_penalty: float | None = None,
         patience: float = 1.0,
         vad: bool = True,
+        seed: int = 0,
     ):
         if beam_size < 1 or batch_size < 1:
             raise SlimWhisperError("beam_size and batch_size must be at least 1")
@@ -122,7 +140,7 @@ class Transcriber:
             model = model.to(device=device, dtype=dtype)
         model = apply_quantization(model.eval(), quantize)
         self.model, self.processor = model, processor
-        self.batch_size, self.beam_size, self.vad = batch_size, beam_size, vad
+        self.batch_size, self.beam_size, self.vad, self.seed = batch_size, beam_size, vad, seed
         self.length_penalty, self.patience = length_penalty, patience
         self.ids = TokenIds.from_generation_config(model.generation_config)
         self.runner = DecoderRunner(model)
@@ -209,15 +227,16 @@ class Transcriber:
             return self.runner.encode(features)
 
     def log_mel(self, audio: np.ndarray) -> torch.Tensor:
-        """Log-mel features [mels, frames + 3000] of a whole recording followed by 30 s of silence.
+        """Log-mel features [mels, frames + 3000] of a whole recording, then 3000 frames of zeros.
 
-        One spectrogram for the recording, as openai-whisper computes it: windows sliced from it share one
-        level normalisation, and the last window is padded with real silence.
+        One spectrogram for the recording, as transformers' long-form `generate` computes it: windows sliced
+        from it share one level normalisation, and a short last window is padded with zero features, as there
+        (openai-whisper pads the audio with silence instead; the two can differ in that last window).
         """
-        padded = np.concatenate([audio, np.zeros(CHUNK_SAMPLES, dtype=np.float32)])
-        feats = self.processor.feature_extractor(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                                                 truncation=False, padding="longest")
-        return feats.input_features[0].to(device=self.device, dtype=self.dtype)
+        feats = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                                 truncation=False, padding="longest").input_features[0]
+        feats = torch.nn.functional.pad(feats, (0, WINDOW_FRAMES))
+        return feats.to(device=self.device, dtype=self.dtype)
 
     def _decode(self, enc, prompt: torch.Tensor, timestamps: bool, temperature: float) -> list[Decoded]:
         t0 = time.perf_counter()
@@ -225,7 +244,9 @@ class Transcriber:
             decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size,
                                   timestamps=timestamps, length_penalty=self.length_penalty, patience=self.patience)
         else:
-            decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temperature)
+            generator = torch.Generator(device=self.device).manual_seed(self.seed) if temperature > 0 else None
+            decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temperature,
+                                    generator=generator)
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["steps"] += max(len(r.tokens) + 1 for r in decoded)
         self.stats["tokens"] += sum(len(r.tokens) + 1 for r in decoded)
@@ -233,24 +254,26 @@ class Transcriber:
 
     def decode_rows(self, encoder_out: torch.Tensor, prompts: list[list[int]], timestamps: bool,
                     temperatures: Sequence[float], thresholds: Thresholds) -> list[Decoded]:
-        """Decode rows (grouped by prompt length), retrying failing rows at the next temperature."""
-        results: list[Decoded | None] = [None] * len(prompts)
+        """Decode rows (grouped by prompt length), retrying failing rows at the next temperature.
+
+        A row that fails at every temperature keeps its best attempt (`Thresholds.best`), not its last one.
+        """
+        attempts: list[list[Decoded]] = [[] for _ in prompts]
         todo = list(range(len(prompts)))
         self.stats["windows"] += len(prompts)
-        for i_t, temp in enumerate(temperatures):
+        for step, temp in enumerate(temperatures):
             for length in sorted({len(prompts[i]) for i in todo}):
                 rows = [i for i in todo if len(prompts[i]) == length]
                 prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 enc = encoder_out[rows] if len(rows) != encoder_out.shape[0] else encoder_out
                 for i, res in zip(rows, self._decode(enc, prompt, timestamps, temp)):
-                    results[i] = res
-            if i_t == len(temperatures) - 1:
+                    attempts[i].append(res)
+            todo = [i for i in todo if thresholds.retry(attempts[i][-1], self.decode_text(attempts[i][-1].tokens))]
+            if not todo or step == len(temperatures) - 1:
                 break
-            todo = [i for i in todo if thresholds.retry(results[i], self.decode_text(results[i].tokens))]
             self.stats["retries"] += len(todo)
-            if not todo:
-                break
-        return results
+        failed = set(todo)
+        return [thresholds.best(a, self.decode_text) if i in failed else a[-1] for i, a in enumerate(attempts)]
 
     # ---------------------------------------------------------------- public API
     def transcribe(
@@ -268,6 +291,7 @@ class Transcriber:
         compression_ratio_threshold: float | None = 2.4,
         logprob_threshold: float | None = -1.0,
         no_speech_threshold: float | None = 0.6,
+        retry_improbable: bool = False,
         progress: bool = False,
     ) -> Transcription | list[Transcription]:
         """Transcribe one input (path or 16 kHz float32 array) or a list of them.
@@ -283,8 +307,10 @@ class Transcriber:
                 WER on most long recordings we measured (BENCHMARKS.md), and it lets one error loop on.
             vad: find speech with the voice activity detector (default: the Transcriber's setting). Without
                 it, batched mode cuts fixed 30-s windows and sequential mode decodes every window.
-            temperature: one value or the fallback ladder; a window is retried at the next temperature when
-                its compression ratio or average log-probability crosses the thresholds (openai-whisper's rule).
+            temperature: one value or the fallback ladder; a window is retried at the next temperature when its
+                text loops (compression ratio above the threshold) or, with `retry_improbable`, when its average
+                log-probability is below `logprob_threshold` (openai-whisper's rule). Sampling is seeded
+                (`Transcriber(seed=...)`), so results repeat.
         Returns:
             a `Transcription` for a single input, else a list in input order.
         """
@@ -292,7 +318,7 @@ class Transcriber:
         items = [audio_or_list] if single else list(audio_or_list)
         audios = [np.asarray(a, dtype=np.float32) if isinstance(a, np.ndarray) else load_audio(a) for a in items]
         temps = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
-        thresholds = Thresholds(compression_ratio_threshold, logprob_threshold, no_speech_threshold)
+        thresholds = Thresholds(compression_ratio_threshold, logprob_threshold, no_speech_threshold, retry_improbable)
         lang_id = self.language_id(language) if (language and self.multilingual) else None
         vad = self.vad if vad is None else vad
         if mode == "batched":
@@ -324,7 +350,7 @@ class Transcriber:
         queue = [w for i, a in enumerate(audios) for w in self.windows(a, i, vad)]
         for w in queue:
             w.timestamps = timestamps
-        prev = self._prompt_tokens(initial_prompt)
+        prev = self._prompt_tokens(initial_prompt)[-(self.model.config.max_target_positions // 2 - 1):]
         prev = [self.ids.prev_sot, *prev] if prev else []
         file_language: dict[int, int | None] = {}
         done: list[_Window] = []
@@ -365,7 +391,7 @@ class Transcriber:
             for i, res in zip(rows, self.decode_rows(sub, prompts, timestamps, temps, thresholds)):
                 chunk[i].result = res
 
-    def _rest_of(self, window: _Window, thresholds: Thresholds, min_speech_s: float = 0.5) -> _Window | None:
+    def _rest_of(self, window: _Window, thresholds: Thresholds) -> _Window | None:
         """The part of a decoded window after its last segment, when the detector heard speech there, else None.
 
         Whisper ends a window early when it expects the next window to carry on (the sequential algorithm),
@@ -376,7 +402,7 @@ class Transcriber:
             return None
         found = window_segments(window.result.tokens, self.ids.timestamp_begin, -(-len(window.audio) // HOP))
         cut = found.segments[-1][1] * FRAMES_PER_TIMESTAMP * HOP if found.segments else 0
-        if cut <= 0 or overlap(window.speech, cut, len(window.audio)) < min_speech_s * SAMPLE_RATE:
+        if cut <= 0 or overlap(window.speech, cut, len(window.audio)) < REST_MIN_SPEECH_S * SAMPLE_RATE:
             return None
         window.extras["closed"] = found.segments
         return _Window(window.source, window.offset + cut / SAMPLE_RATE, window.audio[cut:],
@@ -445,20 +471,25 @@ class Transcriber:
             language = lang_id
             if lang_id is None and self.multilingual:
                 (detected,), (p,) = self.language_probabilities(enc)
-                recording = recording or detected
-                language = pick_language(detected, p, recording)
+                language = pick_language(detected, p, recording or detected)
             prev = [self.ids.prev_sot, *history[-max_history:]] if history else []
             res = self.decode_rows(enc, [prev + self.sot_sequence(language, task, True)], True, temps, thresholds)[0]
             if thresholds.silent(res):
                 self.stats["silent_windows"] += 1
                 seek += size
                 continue
+            recording = recording or language  # the first window with speech sets the recording's language
             found = window_segments(res.tokens, self.ids.timestamp_begin, size)
             offset = seek * HOP / SAMPLE_RATE
             segments += [Segment(offset + a * SECONDS_PER_TIMESTAMP, offset + b * SECONDS_PER_TIMESTAMP,
                                  self.decode_text(toks)) for a, b, toks in found.segments]
             history = history + found.history if condition and res.temperature <= 0.5 else []
-            advance = max(found.advance, FRAMES_PER_TIMESTAMP)  # always move on, even on a degenerate window
+            advance = found.advance
+            last_end = found.segments[-1][1] * FRAMES_PER_TIMESTAMP if found.segments else 0
+            if speech is not None and advance >= size and _unheard_rest(last_end, (seek, seek + size), speech):
+                advance = last_end  # the detector heard speech after the last segment: decode it next
+                self.stats["continued"] += 1
+            advance = max(advance, FRAMES_PER_TIMESTAMP)  # always move on, even on a degenerate window
             heard[language] += advance
             seek += advance
 
@@ -491,17 +522,24 @@ def stopped_early(windows: list[_Window], thresholds: Thresholds, min_speech_s: 
 
 
 def _speech_frames(audio: np.ndarray) -> list[tuple[int, int]]:
-    """Speech regions of `audio` in log-mel frames."""
-    regions = speech_regions(speech_probabilities(audio), len(audio), VADOptions())
-    return [(a // HOP, -(-b // HOP)) for a, b in regions]
+    """Speech regions of `audio` (unpadded) in log-mel frames."""
+    return [(a // HOP, -(-b // HOP)) for a, b in find_speech(audio)[0]]
 
 
-def _next_speech(seek: int, speech: list[tuple[int, int]]) -> int:
-    """`seek` if speech starts within a window from it, else the start of the next speech (or past the end)."""
+def _next_speech(seek: int, speech: list[tuple[int, int]], lead: int = 40) -> int:
+    """`seek` if speech starts within a window from it, else `lead` frames before the next speech (or past the
+    end): silent stretches are skipped, not decoded."""
     for start, end in speech:
         if end > seek:
-            return seek if start < seek + WINDOW_FRAMES else start
+            return seek if start < seek + WINDOW_FRAMES else max(seek, start - lead)
     return 1 << 62
+
+
+def _unheard_rest(found_end: int, window: tuple[int, int], speech: list[tuple[int, int]]) -> bool:
+    """Whether speech follows a window's last segment (ending `found_end` frames into `window`, in frames):
+    Whisper then stopped early, and the next window should start there rather than after this one."""
+    start, end = window
+    return 0 < found_end and overlap(speech, start + found_end, end) >= REST_MIN_SPEECH_S * SAMPLE_RATE / HOP
 
 
 def _progress(items, show: bool, desc: str, unit: str, total: int | None = None):

@@ -22,7 +22,7 @@ def energy_rank(
     granule: int,
     d_in: int,
     d_out: int,
-    energy: str = "linear",
+    energy: str = "squared",
     dense_if_no_saving: bool = True,
 ) -> int | None:
     """The rank for one linear, or None when it should stay dense.

@@ -53,7 +53,7 @@ def head_permutation(kept_idx: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row order [d] that lays each head out as [its kept dims | its compressed dims].
 
     Permuting q and k rows *within* a head leaves every per-head dot product unchanged; permuting
-    across heads would mix heads (the original Whisper-MLA code's bug, SPEC 1.7).
+    across heads would mix heads (the original Whisper-MLA code's bug; docs/mla.md, head layout).
     """
     kept_rows, comp_rows = split_head_dims(kept_idx, head_dim)
     num_heads, r = kept_idx.shape
@@ -218,7 +218,7 @@ def absorbed_attention(
     *,
     need_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention read straight from the latent cache, never up-projecting it (SPEC 3.1).
+    """Attention read straight from the latent cache, never up-projecting it (docs/mla.md, weight absorption).
 
     Absorbs U_k into the queries, runs `latent_attention`, then expands the mixed latent with U_v.
 
@@ -240,7 +240,7 @@ def absorbed_attention(
 
 
 def fold_choice(num_heads: int, head_dim: int, kept_dims: int, latent_dim: int) -> tuple[bool, bool]:
-    """Whether folding U_k into W_q and U_v into W_o saves decode FLOPs (SPEC 3.3): (fold query, fold output).
+    """Whether folding U_k into W_q and U_v into W_o saves decode FLOPs (docs/mla.md): (fold query, fold output).
 
     Per step the query side costs d*d_kc + d_kc*d_c unfolded against d*H*d_c folded, and the output
     side d*d_c + d^2 against H*d_c*d, so fold the query iff H*d_c < d_kc*(1 + d_c/d) and the output
@@ -257,7 +257,7 @@ def fold_choice(num_heads: int, head_dim: int, kept_dims: int, latent_dim: int) 
 def fold_query(
     weight: torch.Tensor, bias: torch.Tensor | None, up_k: torch.Tensor, kept_dims: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One projection x -> [scaled kept queries (H*r) | absorbed queries q~ (H*d_c)] (SPEC 3.3).
+    """One projection x -> [scaled kept queries (H*r) | absorbed queries q~ (H*d_c)] (docs/mla.md, folding).
 
     Args:
         weight: q_proj weight [d, d_in], rows per head laid out [kept r | compressed h-r]; bias [d] or None.
@@ -282,7 +282,7 @@ def fold_query(
 def fold_output(
     weight: torch.Tensor, bias: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One projection from the mixed latents z [H*d_c] straight to the output (SPEC 3.3).
+    """One projection from the mixed latents z [H*d_c] straight to the output (docs/mla.md, folding).
 
     y = W_o [U_v^1 z^1 + b_v^1; ...] + b_o = sum_j (W_o^j U_v^j) z^j + (W_o b_v + b_o).
 

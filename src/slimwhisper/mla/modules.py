@@ -11,7 +11,7 @@ Cache slots (ordinary `EncoderDecoderCache` layers, so beam reordering, cropping
     values = kept key dims     [B, H, T, r]    (r may be 0)
 Prefill and training use the materialised path (K and V rebuilt, any attention backend);
 single-token decode uses the absorbed path, which reads the cache without up-projecting it. In
-inference the absorbed path may also fold U_k into q_proj and U_v into out_proj (SPEC 3.3), chosen
+inference the absorbed path may also fold U_k into q_proj and U_v into out_proj (docs/mla.md, folding), chosen
 per module size by `fold_choice` ("auto") or forced with `set_decode_mode(..., fold=...)`; folded
 weights are derived on first use and rebuilt whenever the weights they come from change.
 """
@@ -200,7 +200,7 @@ class WhisperMLAAttention(WhisperAttention):
         """(fold U_k into q_proj, fold U_v into out_proj) for decoding, per `fold` (default `self.fold`).
 
         Folding needs float `nn.Linear` projections (not e.g. int8-quantised ones); "auto" folds
-        where SPEC 3.3's FLOP rule says it is cheaper.
+        where the FLOP rule of docs/mla.md (folding) says it is cheaper.
         """
         fold = fold or self.fold
         if fold == "never":
