@@ -133,7 +133,7 @@ def test_evaluate_groups_by_language_and_prompts_each(tmp_path: Path, multi) -> 
     calls: list[dict] = []
     out = tmp_path / "out"
     res = evaluate(spy_generate(model, calls), proc, data, batch_size=4, out_dir=out, max_new_tokens=4,
-                   tag="tiny-multi", progress=False)
+                   tag="tiny-multi", progress=False, engine="generate")
     assert sorted(c.get("language") for c in calls) == ["de", "en", "zh"]
     assert all(c["task"] == "transcribe" and c["num_beams"] == 1 for c in calls)
     assert {r.language for r in res.languages} == {"de", "en", "zh"}
@@ -142,6 +142,7 @@ def test_evaluate_groups_by_language_and_prompts_each(tmp_path: Path, multi) -> 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("wer", "cer", "n_utterances", "n_words", "languages", "skipped", "settings"):
         assert key in summary
+    assert summary["settings"]["engine"] == "generate"
     assert summary["languages"]["zh"]["primary"] == "cer"
     assert summary["timing"]["model"]["audio_seconds"] == pytest.approx(1.0 + 0.6 + 0.8 + 0.7, abs=0.01)
     assert summary["timing"]["model"]["rtf"] > 0
@@ -158,7 +159,7 @@ def test_english_only_models_get_no_language_prompt(tmp_path: Path, english_only
     data = open_dataset(write_set(tmp_path / "data", MIXED))
     calls: list[dict] = []
     res = evaluate(spy_generate(model, calls), proc, data, out_dir=tmp_path / "o", max_new_tokens=3, progress=False,
-                   num_beams=2)
+                   num_beams=2, engine="generate")
     assert calls and all("language" not in c and "task" not in c and c["num_beams"] == 2 for c in calls)
     assert [r.language for r in res.languages] == ["en"]
     assert res.skipped.by_reason() == {"unsupported language": 3}
@@ -168,13 +169,31 @@ def test_long_clips_are_decoded_long_form_or_skipped(tmp_path: Path, multi) -> N
     model, proc = multi
     data = open_dataset(write_set(tmp_path / "data", [("long", "a long one", "en", 31.0), ("s", "short", "en", 1.0)]))
     calls: list[dict] = []
-    evaluate(spy_generate(model, calls), proc, data, out_dir=tmp_path / "a", max_new_tokens=3, progress=False)
+    evaluate(spy_generate(model, calls), proc, data, out_dir=tmp_path / "a", max_new_tokens=3, progress=False,
+             engine="generate")
     long_calls = [c for c in calls if c.get("return_timestamps")]
     assert len(long_calls) == 1 and "attention_mask" in long_calls[0] and len(calls) == 2
     recs = [json.loads(x) for x in (tmp_path / "a" / "utterances.jsonl").read_text().splitlines()[1:]]
     assert {r["id"]: r["long_form"] for r in recs} == {"long": True, "s": False}
     res = evaluate(model, proc, data, out_dir=tmp_path / "b", max_new_tokens=3, progress=False, long_audio="skip")
     assert res.skipped.by_reason() == {"too long": 1} and res.overall.n_utterances == 1
+
+
+def test_evaluate_scores_what_the_engine_transcribes_by_default(tmp_path: Path, multi) -> None:
+    """The default decoder is the engine as `transcribe` runs it: the same texts, and the summary says so."""
+    from slimwhisper.assets import DEMO_DIR
+    from slimwhisper.audio import load_audio
+    from slimwhisper.engine import Transcriber
+
+    model, proc = multi
+    data = open_dataset(DEMO_DIR / "manifest.jsonl", limit=3)  # real (synthetic) speech: the detector hears it
+    out = tmp_path / "out"
+    evaluate(model, proc, data, out_dir=out, progress=False, max_new_tokens=5)
+    assert json.loads((out / "summary.json").read_text())["settings"]["engine"] == "fast"
+    hyps = {r["id"]: r["hypothesis"] for r in map(json.loads, (out / "utterances.jsonl").read_text().splitlines()[1:])}
+    engine = Transcriber(model, proc, max_new_tokens=5)
+    expected = {s.id: engine.transcribe(load_audio(s.audio), language="en").text for s in data.samples}
+    assert hyps == expected and all(expected.values())
 
 
 def test_resume_skips_done_utterances_and_refuses_other_settings(tmp_path: Path, multi, monkeypatch) -> None:
@@ -186,9 +205,13 @@ def test_resume_skips_done_utterances_and_refuses_other_settings(tmp_path: Path,
     with log.open("a") as fh:
         fh.write('{"model": "model", "id": "tor')  # a run killed mid-line
     decoded: list[str] = []
-    real = ev.transcribe
-    monkeypatch.setattr(ev, "transcribe", lambda c, audios, lang, **kw: decoded.extend([lang] * len(audios))
-                        or real(c, audios, lang, **kw))
+    real = ev.text_decoder
+
+    def counting(*args, **kwargs):
+        decode = real(*args, **kwargs)
+        return lambda audios, lang: decoded.extend([lang] * len(audios)) or decode(audios, lang)
+
+    monkeypatch.setattr(ev, "text_decoder", counting)
     res = evaluate(model, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m")
     assert len(decoded) == 2 and res.overall.n_utterances == 4
     ids = [json.loads(x).get("id") for x in log.read_text().splitlines()[1:]]
@@ -207,11 +230,11 @@ def test_baseline_comparison_with_paired_bootstrap(tmp_path: Path, multi, monkey
     data = open_dataset(write_set(tmp_path / "data", rows))
     perfect = {id(model)}  # the model transcribes perfectly, the baseline drops the last word
 
-    def fake(c, audios, lang, **kw):
-        text = "the cat sat on the mat today" if id(c.model) in perfect else "the cat sat on the mat"
-        return [text] * len(audios)
+    def fake(m, processor, **kwargs):
+        text = "the cat sat on the mat today" if id(m) in perfect else "the cat sat on the mat"
+        return lambda audios, lang: [text] * len(audios)
 
-    monkeypatch.setattr(ev, "transcribe", fake)
+    monkeypatch.setattr(ev, "text_decoder", fake)
     res = evaluate(model, proc, data, out_dir=tmp_path / "o", baseline=(other, proc), tag="small", baseline_tag="orig",
                    n_bootstrap=1000, progress=False)
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -296,3 +319,11 @@ def test_real_tiny_en_long_form_over_30_s(tmp_path: Path, tiny_en) -> None:
     rec = json.loads((tmp_path / "out" / "utterances.jsonl").read_text().splitlines()[1])
     assert rec["long_form"] and res.overall.n_words > 60
     assert res.wer < 0.30, rec["hypothesis"]
+
+
+def test_corpus_wer_normalises_and_pools_errors():
+    from slimwhisper.eval.metrics import corpus_wer
+
+    # Whisper's English normaliser: case, punctuation and number words do not count; errors pool over clips
+    assert corpus_wer(["Hello, world.", "Twenty one cats"], ["hello world", "21 bats"], "en") == pytest.approx(1 / 4)
+    assert corpus_wer(["你好世界"], ["你好世"], "zh") == pytest.approx(1 / 4)  # characters, not words

@@ -81,13 +81,13 @@ def test_make_labels_masks_prefix_and_appends_eot():
 def test_prefix_english_and_multilingual(english):
     model, processor = english
     tok = processor.tokenizer
-    assert prefix_ids(model, tok, None) == tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    assert prefix_ids(model, None) == tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
     multi, mproc = tiny_pair(True)
     mt = mproc.tokenizer
-    assert prefix_ids(multi, mt, "de") == mt.convert_tokens_to_ids(
+    assert prefix_ids(multi, "de") == mt.convert_tokens_to_ids(
         ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"])
     with pytest.raises(SlimWhisperError, match="language"):
-        prefix_ids(multi, mt, None)
+        prefix_ids(multi, None)
 
 
 def test_collate_pads_inputs_and_masks_labels(english, tmp_path):
@@ -374,7 +374,7 @@ def test_label_free_trains_on_cached_teacher_transcripts(slim, tmp_path, monkeyp
     def no_generation(*args, **kwargs):  # the second run must read the cache, not decode again
         raise AssertionError("teacher transcripts were recomputed")
 
-    monkeypatch.setattr(data_module, "transcribe_arrays", no_generation)
+    monkeypatch.setattr(data_module, "text_decoder", no_generation)
     finetune(model, manifest, config, processor=processor, teacher=original, cache_dir=tmp_path / "c", progress=False)
 
 

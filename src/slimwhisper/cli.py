@@ -151,9 +151,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.engine == "generate":
         from .transcribe import transcribe_arrays
 
-        texts = transcribe_arrays(
-            model, processor, audios, language=args.language, batch_size=args.batch_size, num_beams=args.beams
-        )
+        texts = transcribe_arrays(model, processor, audios, language=args.language, batch_size=args.batch_size,
+                                  num_beams=args.beams, engine="generate")
         results = None
     else:
         from .engine import Transcriber

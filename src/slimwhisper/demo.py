@@ -10,10 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import jiwer
-
 from .assets import demo_clips
 from .audio import load_audio
+from .eval.metrics import corpus_wer
 
 
 @dataclass(frozen=True)
@@ -21,15 +20,6 @@ class DemoConfig:
     model: str = "tiny.en"
     kv_reduction: float = 0.75
     out: str | None = None  # also save the converted model here
-
-
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER after Whisper's English normalisation."""
-    from .eval.normalize import normalize
-
-    refs = [normalize(t, "en") for t in references]
-    hyps = [normalize(t, "en") for t in hypotheses]
-    return jiwer.wer(refs, hyps)
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
@@ -56,7 +46,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         "model": cfg.model,
         "kv_reduction": cfg.kv_reduction,
         "convert_seconds": round(convert_s, 1),
-        "wer": {"original": corpus_wer(refs, original), "converted": corpus_wer(refs, converted)},
+        "wer": {"original": corpus_wer(refs, original, "en"), "converted": corpus_wer(refs, converted, "en")},
         "kv_bytes_per_token": summary["kv_bytes_per_token"],
         "cross_kv_bytes": summary["cross_kv_bytes"],
         "clips": [

@@ -1,24 +1,32 @@
-"""Transcribe audio of any length with a (compressed) Whisper through `generate()`.
+"""Texts of recordings: the one decoding path every part of slimwhisper uses.
 
-Clips up to 30 s are batched through short-form generation. Longer recordings use Whisper's
-sequential long-form decoding (30-s windows that advance by the predicted timestamps, so words are
-not cut at window edges), batched as well. Evaluation, the CLI and the demo all decode through here.
+`text_decoder(model, processor, engine=...)` returns a function from 16-kHz arrays (any length) to texts:
+
+- engine="fast" (the default): the engine (`Transcriber`) with its defaults, exactly what
+  `slimwhisper transcribe` runs, so evaluation scores what users get;
+- engine="generate": transformers' `generate()`, the reference implementation: short-form for clips up
+  to 30 s, its sequential long-form algorithm (timestamps) for longer ones.
+
+Evaluation, the demo, the label-free training targets and benchmarks all decode through here.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .audio import CHUNK_SAMPLES, SAMPLE_RATE
+from .errors import SlimWhisperError
+from .tokens import TokenIds
+
+ENGINES = ("fast", "generate")
+TextDecoder = Callable[[Sequence[np.ndarray], "str | None"], list[str]]
 
 
 def is_multilingual(model) -> bool:
-    """Whether the model takes language and task tokens (its generation config says, or lists languages)."""
-    config = model.generation_config
-    flag = getattr(config, "is_multilingual", None)
-    return bool(flag) if flag is not None else len(getattr(config, "lang_to_id", None) or {}) > 1
+    """Whether the model takes language and task tokens (its generation config lists languages)."""
+    return TokenIds.from_generation_config(model.generation_config).multilingual
 
 
 def generation_kwargs(model, language: str | None, num_beams: int, max_new_tokens: int | None = None) -> dict:
@@ -48,17 +56,9 @@ def generate_texts(model, processor, audios: Sequence[np.ndarray], *, long_form:
     return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-def transcribe_arrays(
-    model,
-    processor,
-    audios: Sequence[np.ndarray],
-    *,
-    language: str | None = None,
-    batch_size: int = 8,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-) -> list[str]:
-    """Texts for 16 kHz mono float32 arrays, in input order."""
+def generate_arrays(model, processor, audios: Sequence[np.ndarray], language: str | None = None, *,
+                    batch_size: int = 8, num_beams: int = 1, max_new_tokens: int | None = None) -> list[str]:
+    """Texts from transformers' `generate`, in input order: short-form batches, then long-form ones."""
     texts = [""] * len(audios)
     kwargs = generation_kwargs(model, language, num_beams, max_new_tokens)
     for long_form in (False, True):
@@ -69,3 +69,35 @@ def transcribe_arrays(
             for i, text in zip(batch, out):
                 texts[i] = text
     return texts
+
+
+def text_decoder(model, processor, *, engine: str = "fast", batch_size: int = 8, num_beams: int = 1,
+                 max_new_tokens: int | None = None) -> TextDecoder:
+    """A function `(audios, language) -> texts` decoding with `engine` ("fast" or "generate"); `language`
+    None lets multilingual models detect it. The engine is built once, so call the function per batch."""
+    if engine == "generate":
+        def decode(audios: Sequence[np.ndarray], language: str | None = None) -> list[str]:
+            return generate_arrays(model, processor, audios, language, batch_size=batch_size, num_beams=num_beams,
+                                   max_new_tokens=max_new_tokens)
+
+        return decode
+    if engine != "fast":
+        raise SlimWhisperError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    from .engine import Transcriber
+
+    transcriber = Transcriber(model, processor, batch_size=batch_size, beam_size=num_beams,
+                              max_new_tokens=max_new_tokens)
+
+    def decode_fast(audios: Sequence[np.ndarray], language: str | None = None) -> list[str]:
+        return [r.text for r in transcriber.transcribe(list(audios), language=language)] if len(audios) else []
+
+    return decode_fast
+
+
+def transcribe_arrays(model, processor, audios: Sequence[np.ndarray], *, language: str | None = None,
+                      engine: str = "fast", batch_size: int = 8, num_beams: int = 1,
+                      max_new_tokens: int | None = None) -> list[str]:
+    """Texts for 16 kHz mono float32 arrays, in input order (one call of `text_decoder`)."""
+    decode = text_decoder(model, processor, engine=engine, batch_size=batch_size, num_beams=num_beams,
+                          max_new_tokens=max_new_tokens)
+    return decode(audios, language)

@@ -98,11 +98,9 @@ def joined_realspeech(language: str, step: int) -> tuple[np.ndarray, str]:
 
 
 def word_error_rate(ref: str, hyp: str, language: str) -> float:
-    from slimwhisper.eval.metrics import word_errors
-    from slimwhisper.eval.normalize import normalize
+    from slimwhisper.eval.metrics import corpus_wer
 
-    counts = word_errors(normalize(ref, language), normalize(hyp, language))
-    return 100 * counts.errors / counts.n_ref
+    return 100 * corpus_wer([ref], [hyp], language)
 
 
 def generate_long_form_text(model, processor, audio: np.ndarray) -> str:

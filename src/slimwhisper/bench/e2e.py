@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from ..errors import SlimWhisperError
+from ..eval.metrics import corpus_wer
 from .common import run_metadata, set_threads
 from .longform import SYSTEMS as LONG_FORM_SYSTEMS
 
@@ -100,18 +101,6 @@ def _ct2_dir(model) -> Path:
     return target
 
 
-def _wer(refs: list[str], hyps: list[str], language: str | None) -> float:
-    from ..eval.metrics import corpus_rate, word_errors
-    from ..eval.normalize import normalize
-
-    errors, n_ref = [], []
-    for ref, hyp in zip(refs, hyps):
-        counts = word_errors(normalize(ref, language), normalize(hyp, language))
-        errors.append(counts.errors)
-        n_ref.append(counts.n_ref)
-    return corpus_rate(errors, n_ref)
-
-
 def _faster_whisper(model, audios, language, compute_type: str, threads: int) -> tuple[list[str], float]:
     from faster_whisper import WhisperModel
 
@@ -174,9 +163,9 @@ def _engine(model, processor, audios, language, batch, quantize, compile: bool =
 def _generate(model, processor, audios, language, batch) -> tuple[list[str], float]:
     from ..transcribe import transcribe_arrays
 
-    transcribe_arrays(model, processor, audios[:1], language=language, batch_size=batch)  # warm-up
+    transcribe_arrays(model, processor, audios[:1], language=language, batch_size=batch, engine="generate")  # warm-up
     t0 = time.perf_counter()
-    texts = transcribe_arrays(model, processor, audios, language=language, batch_size=batch)
+    texts = transcribe_arrays(model, processor, audios, language=language, batch_size=batch, engine="generate")
     return texts, time.perf_counter() - t0
 
 
@@ -342,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             extra[system] = {"skipped": str(exc)}
             continue
         n_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
-        rtf[system], wer[system] = wall / seconds, _wer(refs, texts, language or "en")
+        rtf[system], wer[system] = wall / seconds, corpus_wer(refs, texts, language or "en")
         extra[system] = {"wall_s": wall, "output_tokens": n_tokens, "ms_per_output_token": 1000 * wall / n_tokens}
         if stats:
             extra[system]["engine"] = stats

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, load_audio
 from ..errors import SlimWhisperError
+from ..eval.metrics import corpus_wer
 
 SYSTEMS = ("slimwhisper", "slimwhisper_fp32", "slimwhisper_sequential", "slimwhisper_sequential_fp32",
            "hf_generate", "faster_whisper_int8", "faster_whisper_batched_int8")
@@ -86,8 +87,6 @@ def run_system(system: str, model, processor, audio, language, batch: int, threa
 
 def run_long_form(model, processor, samples, args, threads: int) -> dict:
     """The long-form result: rtf, wer and details per system, and the joined recording's length."""
-    from .e2e import _wer
-
     audio, reference = join_recordings([load_audio(s.audio) for s in samples], [s.text for s in samples],
                                        args.pause)
     languages = {s.language for s in samples}
@@ -103,7 +102,7 @@ def run_long_form(model, processor, samples, args, threads: int) -> dict:
             rtf[system] = wer[system] = None
             details[system] = {"skipped": str(exc)}
             continue
-        rtf[system], wer[system] = wall / seconds, _wer([reference], [text], score_language)
+        rtf[system], wer[system] = wall / seconds, corpus_wer([reference], [text], score_language)
         details[system] = {"wall_s": wall, "engine": stats} if stats else {"wall_s": wall}
     return {"rtf": rtf, "wer": wer, "details": details, "audio_seconds": seconds, "utterances": len(samples),
             "pause_s": args.pause}

@@ -79,7 +79,7 @@ def beam_decode(
     new_max = max_length - plen
 
     # Prefill once per audio (all beams share the prompt), then repeat the cache rows per beam.
-    cache = runner.new_cache(batch, max_length, encoder_out.dtype)
+    cache = runner.new_cache(batch, runner.max_positions, encoder_out.dtype)  # one size: buffers are reused
     logits, no_speech = prefill(runner, prompt, cache, encoder_out, ids)
     per_beam = torch.arange(batch, device=device).repeat_interleave(k)
     cache.select_rows(per_beam)

@@ -34,9 +34,10 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..mla.modules import WhisperMLAAttention
+from ..tokens import TokenIds, decoder_prompt
 from .cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from .quantize import direct_call, float_weight_and_bias, is_quantized_linear, quantize_linear_int8, stack_int8_rows
-from .rules import LogitRules, TokenIds
+from .rules import LogitRules
 
 
 @dataclass
@@ -345,7 +346,7 @@ def greedy_decode(
     batch, plen = prompt.shape
     max_length = min(max_length or runner.max_positions, runner.max_positions)
     vocab = runner.proj_out.out_features
-    cache = runner.new_cache(batch, max_length, encoder_out.dtype)
+    cache = runner.new_cache(batch, runner.max_positions, encoder_out.dtype)  # one size: buffers are reused
     rules = LogitRules(ids, vocab, batch, timestamps=timestamps, device=prompt.device)
     logits, no_speech = prefill(runner, prompt, cache, encoder_out, ids)
     out = [Decoded([], no_speech_prob=float(no_speech[i]), temperature=temperature) for i in range(batch)]
@@ -395,3 +396,26 @@ def _collect(out: list[Decoded], tokens: list, logprobs: list, rows: list, eot: 
                 finished[r] = True
             else:
                 out[r].tokens.append(t)
+
+
+@torch.inference_mode()
+def language_probabilities(runner: DecoderRunner, ids: TokenIds, encoder_out: torch.Tensor
+                           ) -> tuple[list[int], list[float]]:
+    """Most likely language token per row and its probability: the SOT step's softmax over the language
+    tokens, as openai-whisper and transformers detect the language."""
+    lang_ids = sorted(ids.lang_to_id.values())
+    cache = StaticEncoderDecoderCache.for_model(runner.model, encoder_out.shape[0], 1, dtype=encoder_out.dtype)
+    sot = torch.full((encoder_out.shape[0], 1), ids.sot, dtype=torch.long, device=encoder_out.device)
+    probs, best = runner(sot, cache, encoder_out)[:, lang_ids].float().softmax(dim=-1).max(dim=-1)
+    return [lang_ids[i] for i in best.tolist()], probs.tolist()
+
+
+def greedy_transcripts(runner: DecoderRunner, encoder_out: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy token sequences, prompt and EOT included, for encoder outputs [B, frames, d]: what the model
+    says about audio it is shown (multilingual models detect each row's language first)."""
+    ids = TokenIds.from_generation_config(runner.model.generation_config)
+    languages = language_probabilities(runner, ids, encoder_out)[0] if ids.multilingual else [None] * len(encoder_out)
+    prompts = [decoder_prompt(ids, lang) for lang in languages]
+    prompt = torch.tensor(prompts, dtype=torch.long, device=encoder_out.device)
+    decoded = greedy_decode(runner, encoder_out, prompt, ids, max_length=prompt.shape[1] + max_new_tokens)
+    return [p + d.tokens + [ids.eot] for p, d in zip(prompts, decoded)]

@@ -8,47 +8,13 @@ step scans the sequence or the vocabulary with `isin`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from ..tokens import TokenIds
 
 NEG_INF = float("-inf")
 
-
-@dataclass
-class TokenIds:
-    """The special token ids the rules need (from a Whisper generation config)."""
-
-    eot: int
-    sot: int
-    no_timestamps: int | None
-    prev_sot: int | None
-    suppress: list[int]
-    begin_suppress: list[int]
-    max_initial_timestamp_index: int | None = None
-
-    @property
-    def timestamp_begin(self) -> int | None:
-        return None if self.no_timestamps is None else self.no_timestamps + 1
-
-    @property
-    def no_speech(self) -> int | None:
-        """<|nospeech|> / <|nocaptions|>, the token just before <|notimestamps|> (as transformers assumes)."""
-        return None if self.no_timestamps is None else self.no_timestamps - 1
-
-    @classmethod
-    def from_generation_config(cls, config) -> TokenIds:
-        eot = config.eos_token_id
-        eot = eot[0] if isinstance(eot, (list, tuple)) else eot
-        return cls(
-            eot=int(eot),
-            sot=int(config.decoder_start_token_id),
-            no_timestamps=getattr(config, "no_timestamps_token_id", None),
-            prev_sot=getattr(config, "prev_sot_token_id", None),
-            suppress=list(getattr(config, "suppress_tokens", None) or []),
-            begin_suppress=list(getattr(config, "begin_suppress_tokens", None) or []),
-            max_initial_timestamp_index=getattr(config, "max_initial_timestamp_index", None),
-        )
+__all__ = ["LogitRules", "TokenIds"]
 
 
 class LogitRules:

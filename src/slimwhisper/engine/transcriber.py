@@ -28,10 +28,10 @@ from torch import nn
 
 from ..audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio, window_spans
 from ..errors import SlimWhisperError
+from ..tokens import TokenIds, decoder_prompt
 from .beam import beam_decode
-from .decode import Decoded, DecoderRunner, greedy_decode
+from .decode import Decoded, DecoderRunner, greedy_decode, language_probabilities
 from .quantize import quantize as apply_quantization
-from .rules import TokenIds
 from .segments import (
     FRAMES_PER_TIMESTAMP,
     SECONDS_PER_TIMESTAMP,
@@ -128,6 +128,7 @@ class Transcriber:
         patience: float = 1.0,
         vad: bool = True,
         seed: int = 0,
+        max_new_tokens: int | None = None,
     ):
         if beam_size < 1 or batch_size < 1:
             raise SlimWhisperError("beam_size and batch_size must be at least 1")
@@ -141,6 +142,7 @@ class Transcriber:
         model = apply_quantization(model.eval(), quantize)
         self.model, self.processor = model, processor
         self.batch_size, self.beam_size, self.vad, self.seed = batch_size, beam_size, vad, seed
+        self.max_new_tokens = max_new_tokens  # per window (None: as many as the decoder's positions allow)
         self.length_penalty, self.patience = length_penalty, patience
         self.ids = TokenIds.from_generation_config(model.generation_config)
         self.runner = DecoderRunner(model)
@@ -160,47 +162,22 @@ class Transcriber:
     # ---------------------------------------------------------------- prompts and languages
     @property
     def multilingual(self) -> bool:
-        from ..transcribe import is_multilingual
-
-        return is_multilingual(self.model)
+        return self.ids.multilingual
 
     def sot_sequence(self, language_id: int | None, task: str, timestamps: bool) -> list[int]:
         """SOT [lang task] [<|notimestamps|>], as generate builds it."""
-        seq = [self.ids.sot]
-        config = self.model.generation_config
-        if self.multilingual:
-            if language_id is not None:
-                seq.append(language_id)
-            task_to_id = getattr(config, "task_to_id", None) or {}
-            if task not in task_to_id:
-                raise SlimWhisperError(f"unknown task {task!r}; choose one of {sorted(task_to_id)}")
-            seq.append(task_to_id[task])
-        if not timestamps and self.ids.no_timestamps is not None:
-            seq.append(self.ids.no_timestamps)
-        return seq
+        return decoder_prompt(self.ids, language_id, task, timestamps)
 
     def language_id(self, language: str) -> int:
-        lang_to_id = getattr(self.model.generation_config, "lang_to_id", None) or {}
-        token = language if language.startswith("<|") else f"<|{language.lower()}|>"
-        if token not in lang_to_id:
-            raise SlimWhisperError(f"language {language!r} is not one this model knows ({len(lang_to_id)} languages)")
-        return lang_to_id[token]
+        return self.ids.language_id(language)
 
     def detect_language(self, encoder_out: torch.Tensor) -> list[int]:
         """Most likely language token per row."""
         return self.language_probabilities(encoder_out)[0]
 
-    @torch.inference_mode()
     def language_probabilities(self, encoder_out: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Most likely language token per row and its probability: the SOT step's softmax over the language
-        tokens, as openai-whisper and transformers detect the language."""
-        from .cache import StaticEncoderDecoderCache
-
-        lang_ids = sorted((getattr(self.model.generation_config, "lang_to_id", None) or {}).values())
-        cache = StaticEncoderDecoderCache.for_model(self.model, encoder_out.shape[0], 1, dtype=encoder_out.dtype)
-        sot = torch.full((encoder_out.shape[0], 1), self.ids.sot, dtype=torch.long, device=self.device)
-        probs, best = self.runner(sot, cache, encoder_out)[:, lang_ids].float().softmax(dim=-1).max(dim=-1)
-        return [lang_ids[i] for i in best.tolist()], probs.tolist()
+        """Most likely language token per row and its probability (`decode.language_probabilities`)."""
+        return language_probabilities(self.runner, self.ids, encoder_out)
 
     def _prompt_tokens(self, text: str | None) -> list[int]:
         if not text:
@@ -240,13 +217,14 @@ class Transcriber:
 
     def _decode(self, enc, prompt: torch.Tensor, timestamps: bool, temperature: float) -> list[Decoded]:
         t0 = time.perf_counter()
+        max_length = prompt.shape[1] + self.max_new_tokens if self.max_new_tokens else None
         if self.beam_size > 1 and temperature == 0:
-            decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size,
+            decoded = beam_decode(self.runner, enc, prompt, self.ids, beam_size=self.beam_size, max_length=max_length,
                                   timestamps=timestamps, length_penalty=self.length_penalty, patience=self.patience)
         else:
             generator = torch.Generator(device=self.device).manual_seed(self.seed) if temperature > 0 else None
             decoded = greedy_decode(self.runner, enc, prompt, self.ids, timestamps=timestamps, temperature=temperature,
-                                    generator=generator)
+                                    generator=generator, max_length=max_length)
         self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["steps"] += max(len(r.tokens) + 1 for r in decoded)
         self.stats["tokens"] += sum(len(r.tokens) + 1 for r in decoded)

@@ -2,8 +2,8 @@
 bootstrap against a baseline, a resumable per-utterance log, JSON + Markdown summaries."""
 from __future__ import annotations
 
-from .evaluate import Candidate, evaluate, model_fingerprint, transcribe
-from .metrics import Bootstrap, ErrorCounts, char_errors, corpus_rate, paired_bootstrap, word_errors
+from .evaluate import Candidate, evaluate, model_fingerprint
+from .metrics import Bootstrap, ErrorCounts, char_errors, corpus_rate, corpus_wer, paired_bootstrap, word_errors
 from .normalize import CER_LANGUAGES, normalize, normalizer_for, uses_cer
 from .report import EvalResult, Row, markdown, markdown_table
 
@@ -16,6 +16,7 @@ __all__ = [
     "Row",
     "char_errors",
     "corpus_rate",
+    "corpus_wer",
     "evaluate",
     "markdown",
     "markdown_table",
@@ -23,7 +24,6 @@ __all__ = [
     "normalize",
     "normalizer_for",
     "paired_bootstrap",
-    "transcribe",
     "uses_cer",
     "word_errors",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..data import open_dataset
 from ..data.records import normalize_language
 from ..errors import SlimWhisperError
+from ..transcribe import ENGINES
 from .evaluate import LONG_AUDIO_CHOICES, evaluate
 from .report import SUMMARY_JSON, SUMMARY_MD, markdown_table
 
@@ -39,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beams", type=int, default=1, help="beam size; 1 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per 30-s window")
+    p.add_argument("--engine", choices=ENGINES, default="fast",
+                   help="fast: the engine, as `slimwhisper transcribe` runs it (default); generate: transformers' "
+                   "generate(), the reference")
     p.add_argument("--long-audio", choices=LONG_AUDIO_CHOICES, default="longform",
                    help="clips over 30 s: decode long-form with timestamps (default), skip and report, or stop")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps")
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         model, processor, data, batch_size=args.batch_size, num_beams=args.beams, language=language,
         out_dir=Path(args.out), baseline=baseline, tag=args.model, baseline_tag=args.baseline, device=device,
-        dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio,
+        dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio, engine=args.engine,
         on_error="raise" if args.strict else "skip", n_bootstrap=args.bootstrap, seed=args.seed,
         progress=not args.no_progress,
     )

@@ -1,8 +1,10 @@
 """`evaluate`: transcribe a dataset with a model (and optionally its baseline), score, log, summarise.
 
-Decoding: batches of one language each, the language and task given in the prompt of multilingual models
-(the sample's language, or `language` to force one), greedy unless `num_beams` > 1. Clips over 30 s are
-decoded long-form (timestamps, sequential 30-s windows) by default, or skipped and reported with
+Decoding goes through `transcribe.text_decoder`: the engine by default (what `slimwhisper transcribe`
+runs, so the scores are of what users get), or transformers' `generate` with `engine="generate"` (the
+reference). Batches hold one language each, given in the prompt of multilingual models (the sample's
+language, or `language` to force one); greedy unless `num_beams` > 1. Clips over 30 s are decoded as the
+engine decodes long recordings (or long-form `generate`) by default, or skipped and reported with
 `long_audio="skip"`; they are never cut silently. Every scored utterance is appended to
 `out_dir/utterances.jsonl` as soon as it is produced, so a killed run resumes where it stopped.
 """
@@ -16,13 +18,11 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from ..audio import CHUNK_SECONDS, SAMPLE_RATE
 from ..data.records import Dataset, Sample, SkipReport, normalize_language
 from ..data.stream import iter_audio
 from ..errors import SlimWhisperError
-from ..transcribe import is_multilingual, transcribe_arrays
+from ..transcribe import ENGINES, TextDecoder, is_multilingual, text_decoder
 from .metrics import char_errors, word_errors
 from .normalize import NORMALIZER_VERSION, char_text, normalize
 from .report import EvalResult, summarize
@@ -34,12 +34,14 @@ LONG_AUDIO_CHOICES: tuple[str, ...] = ("longform", "skip", "error")
 
 @dataclass
 class Candidate:
-    """A model under evaluation with its processor; `role` keys its lines in the log ('model'/'baseline')."""
+    """A model under evaluation with its processor; `role` keys its lines in the log ('model'/'baseline');
+    `decode` turns a batch of audio into texts (set by `evaluate`)."""
 
     model: Any
     processor: Any
     tag: str
     role: str = "model"
+    decode: TextDecoder | None = None
 
     @property
     def multilingual(self) -> bool:
@@ -72,19 +74,6 @@ def default_tag(model: Any) -> str:
 class _Planned:
     sample: Sample
     language: str | None  # decode and scoring language
-
-
-def transcribe(
-    cand: Candidate,
-    audios: Sequence[np.ndarray],
-    language: str | None,
-    *,
-    num_beams: int = 1,
-    max_new_tokens: int | None = None,
-) -> list[str]:
-    """Raw hypotheses for one batch of one language; clips over 30 s go through long-form generation."""
-    return transcribe_arrays(cand.model, cand.processor, audios, language=language, batch_size=max(len(audios), 1),
-                             num_beams=num_beams, max_new_tokens=max_new_tokens)
 
 
 def score(
@@ -144,6 +133,7 @@ def evaluate(
     dtype: Any = None,
     max_new_tokens: int | None = None,
     long_audio: LongAudio = "longform",
+    engine: str = "fast",
     on_error: Literal["skip", "raise"] = "skip",
     n_bootstrap: int = 10_000,
     seed: int = 0,
@@ -152,12 +142,15 @@ def evaluate(
     """Evaluate `model` (and `baseline`, a (model, processor) pair) on `samples`; write the log and return scores.
 
     `language` forces one decoding language for every sample; otherwise each sample's own is used.
-    `device`/`dtype`, when given, move the models there first.
+    `device`/`dtype`, when given, move the models there first. `engine` is "fast" (the engine, as
+    `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1 or num_beams < 1:
         raise SlimWhisperError("batch_size and num_beams must be at least 1")
+    if engine not in ENGINES:
+        raise SlimWhisperError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if long_audio not in LONG_AUDIO_CHOICES:
         raise SlimWhisperError(f"unknown long_audio '{long_audio}'; use one of {', '.join(LONG_AUDIO_CHOICES)}")
     language = normalize_language(language)
@@ -177,10 +170,12 @@ def evaluate(
         if device is not None or dtype is not None:
             c.model.to(device=device, dtype=dtype)
         c.model.eval()
+        c.decode = text_decoder(c.model, c.processor, engine=engine, batch_size=batch_size, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens)
     settings = {
         "models": {c.role: {"tag": c.tag, "fingerprint": model_fingerprint(c.model),
                             "dtype": str(next(c.model.parameters()).dtype)} for c in cands},
-        "num_beams": num_beams, "language": language, "max_new_tokens": max_new_tokens,
+        "engine": engine, "num_beams": num_beams, "language": language, "max_new_tokens": max_new_tokens,
         "long_audio": long_audio, "normalizer": NORMALIZER_VERSION, "data": source,
     }
     store = UtteranceStore(Path(out_dir), settings)
@@ -200,7 +195,7 @@ def evaluate(
                 if not todo:
                     continue
                 t0 = time.perf_counter()
-                hyps = transcribe(c, [a for _, a in todo], lang, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                hyps = c.decode([a for _, a in todo], lang)
                 share = (time.perf_counter() - t0) / len(todo)  # batch time split evenly, for the RTF
                 store.append([score(c, s, h, lang, len(a) / SAMPLE_RATE, share) for (s, a), h in zip(todo, hyps)])
             bar.update(len(batch))

@@ -54,6 +54,23 @@ def corpus_rate(errors: np.ndarray | list[int], n_ref: np.ndarray | list[int]) -
     return float(np.sum(errors)) / total if total > 0 else math.nan
 
 
+def corpus_wer(references: list[str], hypotheses: list[str], language: str | None) -> float:
+    """Corpus WER (CER-style character rate for languages without spaces) after the language's scoring
+    normaliser: the one figure every report of this project quotes."""
+    from .normalize import char_text, normalize, uses_cer
+
+    errors, n_ref = [], []
+    for ref, hyp in zip(references, hypotheses, strict=True):
+        ref_n, hyp_n = normalize(ref, language), normalize(hyp, language)
+        if uses_cer(language):
+            counts = char_errors(char_text(ref_n, language), char_text(hyp_n, language))
+        else:
+            counts = word_errors(ref_n, hyp_n)
+        errors.append(counts.errors)
+        n_ref.append(counts.n_ref)
+    return corpus_rate(errors, n_ref)
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """Paired bootstrap of corpus rate(model) - rate(baseline); positive means the model makes more errors."""

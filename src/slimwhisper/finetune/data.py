@@ -30,8 +30,8 @@ from ..audio import SAMPLE_RATE
 from ..data import Dataset, Sample, SkipReport, iter_audio, load_sample_audio, open_dataset
 from ..errors import SlimWhisperError
 from ..loading.cache import cache_root
-from ..loading.processor import special_ids
-from ..transcribe import is_multilingual, transcribe_arrays
+from ..tokens import TokenIds, decoder_prompt
+from ..transcribe import text_decoder
 from .losses import IGNORE_INDEX
 
 CACHE_FORMAT = 1  # bump when the stored layout changes
@@ -64,20 +64,15 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def prefix_ids(model: Any, tokenizer: Any, language: str | None) -> list[int]:
+def prefix_ids(model: Any, language: str | None) -> list[int]:
     """Decoder prefix: [SOT, <|lang|>, <|transcribe|>, <|notimestamps|>], or [SOT, <|notimestamps|>] for .en models."""
-    ids = special_ids(tokenizer)
-    if not is_multilingual(model):
-        return [ids.sot, ids.no_timestamps]
-    if language is None:
+    ids = TokenIds.from_generation_config(model.generation_config)
+    if ids.multilingual and language is None:
         raise SlimWhisperError(
             "a multilingual model needs each sample's language for its prefix; give it in the manifest "
             "('lang') or pass --language"
         )
-    lang = tokenizer.convert_tokens_to_ids(f"<|{language}|>")
-    if lang is None or lang == tokenizer.unk_token_id:
-        raise SlimWhisperError(f"the model does not know language {language!r}")
-    return [ids.sot, lang, ids.transcribe, ids.no_timestamps]
+    return decoder_prompt(ids, ids.language_id(language) if ids.multilingual else None)
 
 
 def make_labels(prefix: Sequence[int], text_ids: Sequence[int], eot: int, max_tokens: int) -> tuple[list, list]:
@@ -139,13 +134,13 @@ def build_items(
     language: str | None, max_tokens: int,
 ) -> list[TrainItem]:
     """Tokenised training items; `texts` (audio hash -> transcript) replaces the references when given."""
-    eot = special_ids(tokenizer).eot
+    eot = TokenIds.from_generation_config(model.generation_config).eot
     max_tokens = min(max_tokens, int(getattr(model.config, "max_target_positions", max_tokens)))  # decoder length
     items = []
     for sample, key in pairs:
         text = (texts[key] if texts is not None else sample.text).strip()
         ids = tokenizer.encode(" " + text, add_special_tokens=False) if text else []
-        prefix = prefix_ids(model, tokenizer, sample.language or language)
+        prefix = prefix_ids(model, sample.language or language)
         inputs, labels = make_labels(prefix, ids, eot, max_tokens)
         items.append(TrainItem(sample, key, tuple(inputs), tuple(labels)))
     if not items:
@@ -233,15 +228,16 @@ def teacher_transcripts(
     from tqdm.auto import tqdm
 
     base = Path(root).expanduser() if root is not None else default_cache_dir()
-    path = base / "transcripts" / f"{weights_fingerprint(teacher)}.json"
+    path = base / "transcripts" / f"{weights_fingerprint(teacher)}-engine.json"  # the engine's texts
     known: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
     todo = [(s, k) for s, k in pairs if k not in known]
+    decode = text_decoder(teacher, processor, batch_size=batch_size) if todo else None
     for start in tqdm(range(0, len(todo), batch_size), desc="teacher transcripts", disable=not progress or not todo):
         chunk = todo[start : start + batch_size]
         for lang in {s.language or language for s, _ in chunk}:
             part = [(s, k) for s, k in chunk if (s.language or language) == lang]
             audios = [load_sample_audio(s, on_long="error") for s, _ in part]
-            texts = transcribe_arrays(teacher, processor, audios, language=lang, batch_size=batch_size)
+            texts = decode(audios, lang)
             known.update({k: t for (_, k), t in zip(part, texts)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")

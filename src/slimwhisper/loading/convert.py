@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SlimWhisperError
+from ..tokens import TokenIds
 from .ct2 import read_ct2, to_float32
 from .mapping import WhisperDims, infer_dims, map_to_hf
 from .processor import (
@@ -16,7 +17,6 @@ from .processor import (
     build_tokenizer,
     config_token_kwargs,
     english_normalizer_file,
-    special_ids,
 )
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ def convert_ct2(files: CT2Files) -> tuple[WhisperForConditionalGeneration, Whisp
     ct2_config = _read_ct2_config(files.directory)
     tokenizer_json = files.directory / "tokenizer.json"
     tokenizer = build_tokenizer(tokenizer_json, dims.vocab_size, english_normalizer_file())
-    model = build_model(whisper_config(dims, config_token_kwargs(special_ids(tokenizer), ct2_config)), state)
+    token_kwargs = config_token_kwargs(TokenIds.from_tokenizer(tokenizer), ct2_config)
+    model = build_model(whisper_config(dims, token_kwargs), state)
     model.generation_config = build_generation_config(
         tokenizer,
         ct2_config,

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SlimWhisperError
+from ..tokens import EOT, NO_TIMESTAMPS, SOT, TokenIds, token_id
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
@@ -23,39 +23,6 @@ CHUNK_SECONDS = 30  # Whisper's fixed input window
 N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|> in 20-ms steps
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # first timestamp at most 1.00 s, as openai-whisper
 MULTILINGUAL_MIN_VOCAB = 51865  # openai-whisper's rule: the .en models have 51864 tokens
-EOT, SOT, NO_TIMESTAMPS = "<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Ids of Whisper's control tokens, which differ between .en and multilingual vocabularies."""
-
-    eot: int
-    sot: int
-    translate: int
-    transcribe: int
-    prev_sot: int
-    no_timestamps: int
-
-
-def _token_id(vocab: dict[str, int], token: str) -> int:
-    """Id of a required control token; its absence means the file is not a Whisper tokenizer."""
-    if token not in vocab:
-        raise SlimWhisperError(f"tokenizer.json has no {token} token; it is not a Whisper tokenizer")
-    return vocab[token]
-
-
-def special_ids(tokenizer: WhisperTokenizer) -> SpecialIds:
-    """Look the control tokens up by name, so no vocabulary layout is assumed."""
-    vocab = tokenizer.get_vocab()
-    return SpecialIds(
-        eot=_token_id(vocab, EOT),
-        sot=_token_id(vocab, SOT),
-        translate=_token_id(vocab, "<|translate|>"),
-        transcribe=_token_id(vocab, "<|transcribe|>"),
-        prev_sot=_token_id(vocab, "<|startofprev|>"),
-        no_timestamps=_token_id(vocab, NO_TIMESTAMPS),
-    )
 
 
 def english_normalizer_file() -> Path | None:
@@ -93,7 +60,7 @@ def build_tokenizer(
         raise SlimWhisperError(f"{tokenizer_json.parent} has no tokenizer.json; copy it next to model.bin")
     backend = Tokenizer.from_file(str(tokenizer_json))
     vocab = backend.get_vocab(with_added_tokens=True)
-    sot, no_ts = _token_id(vocab, SOT), _token_id(vocab, NO_TIMESTAMPS)
+    sot, no_ts = token_id(vocab, SOT), token_id(vocab, NO_TIMESTAMPS)
     id_to_token = {i: t for t, i in vocab.items()}
     extra = [id_to_token[i] for i in range(sot, no_ts + 1) if i in id_to_token]
     tokenizer = WhisperTokenizer(
@@ -150,7 +117,7 @@ def build_feature_extractor(num_mel_bins: int) -> WhisperFeatureExtractor:
     )
 
 
-def config_token_kwargs(ids: SpecialIds, ct2_config: dict[str, Any]) -> dict[str, Any]:
+def config_token_kwargs(ids: TokenIds, ct2_config: dict[str, Any]) -> dict[str, Any]:
     """Token-id fields of `WhisperConfig` (its defaults are only right for .en vocabularies)."""
     return {
         "decoder_start_token_id": ids.sot,
@@ -162,9 +129,9 @@ def config_token_kwargs(ids: SpecialIds, ct2_config: dict[str, Any]) -> dict[str
     }
 
 
-def _language_ids(tokenizer: WhisperTokenizer, ids: SpecialIds, ct2_config: dict[str, Any]) -> dict[str, int]:
+def _language_ids(tokenizer: WhisperTokenizer, ids: TokenIds, ct2_config: dict[str, Any]) -> dict[str, int]:
     """<|xx|> token -> id, from the CTranslate2 `lang_ids` or else the ids between SOT and translate."""
-    lang_ids = ct2_config.get("lang_ids") or range(ids.sot + 1, ids.translate)
+    lang_ids = ct2_config.get("lang_ids") or range(ids.sot + 1, ids.task_to_id["translate"])
     tokens = tokenizer.convert_ids_to_tokens(list(lang_ids))
     bad = [t for t in tokens if not (t.startswith("<|") and t.endswith("|>"))]
     if bad:
@@ -190,7 +157,7 @@ def build_generation_config(
     """Every field `WhisperGenerationMixin.generate` needs, including timestamp and language ids."""
     from transformers import GenerationConfig
 
-    ids = special_ids(tokenizer)
+    ids = TokenIds.from_tokenizer(tokenizer)
     fields: dict[str, Any] = {
         **config_token_kwargs(ids, ct2_config),
         "max_length": max_length,
@@ -204,7 +171,7 @@ def build_generation_config(
     }
     if is_multilingual:
         fields["lang_to_id"] = _language_ids(tokenizer, ids, ct2_config)
-        fields["task_to_id"] = {"transcribe": ids.transcribe, "translate": ids.translate}
+        fields["task_to_id"] = dict(ids.task_to_id)
         # Without a default task, transformers' generate() omits the task token whenever it detects the
         # language itself, and base then often loops ("So So So ..."); openai-whisper always transcribes.
         fields["task"] = "transcribe"

@@ -93,7 +93,7 @@ def collect_attention_stats(
     """Run the unmodified model over calibration features and return stats per target name.
 
     Args:
-        model: a Whisper model with a generation config (used to transcribe the audio greedily).
+        model: a Whisper model with a generation config (the engine transcribes the audio greedily with it).
         batches: log-mel feature batches [B, n_mels, 3000].
         targets: name -> (attention module, kind) with kind in decoder_self/decoder_cross/encoder_self.
     """
@@ -105,10 +105,13 @@ def collect_attention_stats(
         module.register_forward_pre_hook(_make_hook(module, stats[name], recording, kind), with_kwargs=True)
         for name, (module, kind) in targets.items()
     ]
+    from ..engine.decode import DecoderRunner
+
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     was_training = model.training
     model.eval()
+    runner = DecoderRunner(model)  # transcribes; the hooks record only the teacher-forced pass below
     try:
         for features in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
             features = features.to(device=device, dtype=dtype)
@@ -116,7 +119,7 @@ def collect_attention_stats(
             recording.active, recording.mask = True, None
             encoded = model.get_encoder()(features)
             recording.active = False
-            sequences = _transcribe(model, encoded, max_new_tokens)
+            sequences = _transcribe(runner, encoded, max_new_tokens)
             recording.active, recording.mask = True, valid_token_mask(sequences, eos)
             model(encoder_outputs=encoded, decoder_input_ids=sequences, use_cache=False)
             recording.active = False
@@ -130,17 +133,14 @@ def collect_attention_stats(
     return stats
 
 
-def _transcribe(model: nn.Module, encoded, max_new_tokens: int) -> torch.Tensor:
-    """Greedy token sequences for a batch, decoder prompt included (SOT, language, task, ...)."""
-    max_new_tokens = min(max_new_tokens, model.config.max_target_positions - 8)  # room for the prompt
-    out = model.generate(
-        encoder_outputs=encoded,  # not the features too: language detection refuses both
-        max_new_tokens=max_new_tokens,
-        num_beams=1,
-        do_sample=False,
-        return_dict_in_generate=True,
-    )
-    sequences = out.sequences
-    if not bool((sequences[:, 0] == model.generation_config.decoder_start_token_id).all()):
-        raise RuntimeError("generate() returned sequences without the decoder prompt; cannot calibrate")
-    return sequences
+def _transcribe(runner, encoded, max_new_tokens: int) -> torch.Tensor:
+    """Greedy token sequences for a batch from the engine (`DecoderRunner`): decoder prompt (SOT, language,
+    task, ...), text and EOT, right-padded with EOT."""
+    from ..engine.decode import greedy_transcripts
+
+    max_new_tokens = min(max_new_tokens, runner.max_positions - 8)  # room for the prompt
+    rows = greedy_transcripts(runner, encoded.last_hidden_state, max_new_tokens)
+    eot = rows[0][-1]
+    length = max(len(r) for r in rows)
+    hidden = encoded.last_hidden_state
+    return torch.tensor([r + [eot] * (length - len(r)) for r in rows], dtype=torch.long, device=hidden.device)
