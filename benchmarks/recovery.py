@@ -25,12 +25,12 @@ from types import SimpleNamespace
 import slimwhisper as sw
 from slimwhisper.data import open_dataset
 from slimwhisper.eval import evaluate, paired_bootstrap
-from slimwhisper.finetune import FinetuneConfig, RecoveryJob, recover
-from slimwhisper.finetune.data import SkipReport, hash_samples
-from slimwhisper.finetune.pipeline import _environment as environment
-from slimwhisper.finetune.train import converted_paths
 from slimwhisper.info import describe
 from slimwhisper.loading.processor import save_processor
+from slimwhisper.recovery import FinetuneConfig, RecoveryJob, recover
+from slimwhisper.recovery.data import SkipReport, hash_samples
+from slimwhisper.recovery.pipeline import _environment as environment
+from slimwhisper.recovery.train import converted_paths
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

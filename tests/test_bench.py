@@ -213,7 +213,7 @@ def test_product_owner_check_on_tiny_en(capsys):
 def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
     """`bench e2e` on a saved tiny model: the JSON keys the owner checks; faster-whisper is skipped with a reason
     (the model was not read from CTranslate2 files); the fp32 engine and generate agree on every transcript."""
-    from test_finetune import tiny_pair, write_clips
+    from test_recovery import tiny_pair, write_clips
 
     from slimwhisper.loading.processor import save_processor
 
@@ -221,12 +221,12 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     save_processor(processor, tmp_path / "m")
     manifest = write_clips(tmp_path / "d", n=3)
-    out = tmp_path / "e2e.json"
+    out = tmp_path / "e2e"
     argv = ["bench", "e2e", "--model", str(tmp_path / "m"), "--data", str(manifest), "--batch", "2", "--json",
             "--out", str(out), "--per-token-rounds", "3"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text())
+    assert printed == json.loads((out / "result.json").read_text())
     rtf, wer = printed["rtf"], printed["wer"]
     assert {"slimwhisper", "hf_generate", "faster_whisper_int8"} <= set(rtf) and set(rtf) == set(wer)
     for system in ("slimwhisper", "slimwhisper_fp32", "hf_generate"):
@@ -251,7 +251,7 @@ def test_bench_e2e_compiled_system_is_opt_in_and_reports_compile_time(tmp_path, 
     """`slimwhisper_compiled` is accepted but not run by default; it asks torch.compile for the encoder only
     (stubbed here, so CI does not compile), runs unquantised (the engine refuses compile with int8), and, the
     stub being the identity, transcribes exactly like `slimwhisper_fp32`."""
-    from test_finetune import tiny_pair, write_clips
+    from test_recovery import tiny_pair, write_clips
 
     from slimwhisper.bench import e2e
     from slimwhisper.loading.processor import save_processor

@@ -354,7 +354,7 @@ def test_cli_beams_reach_the_engine(monkeypatch, tmp_path, capsys):
 @pytest.mark.real
 @needs_realspeech
 def test_beam_parity_with_generate_on_tiny_en():
-    from slimwhisper.transcribe import generation_kwargs
+    from slimwhisper.decoding import generation_kwargs
 
     audios = realspeech_audio(lambda rows: [r for r in rows if r["lang"] == "en"][:3])
     model, processor = sw.load("tiny.en")
@@ -373,7 +373,7 @@ def test_beam_parity_with_generate_on_tiny_en():
 @needs_realspeech
 def test_multilingual_greedy_parity_on_base():
     """Language given (prompt SOT de transcribe notimestamps) and detected per row, as `generate` does."""
-    from slimwhisper.transcribe import generation_kwargs
+    from slimwhisper.decoding import generation_kwargs
 
     ids = ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")
     audios = realspeech_audio(lambda rows: [next(r for r in rows if r["id"] == i) for i in ids])

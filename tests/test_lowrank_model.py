@@ -210,7 +210,7 @@ def test_real_tiny_en_cli_compress_info_and_reload(capsys, tmp_path):
 
 def test_lite_whisper_directory_loads_and_describes(tmp_path, capsys):
     """`slimwhisper.load` and `slimwhisper info` read a lite-whisper directory (its model_type is not an HF one)."""
-    from test_finetune import tiny_pair
+    from test_recovery import tiny_pair
 
     from slimwhisper.cli import main
     from slimwhisper.loading.processor import save_processor

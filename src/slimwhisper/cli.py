@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cliargs import add_batch_size, add_device, add_model, add_out, add_quiet, resolve_device, resolve_model
 from .errors import SlimWhisperError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,15 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _modules(values: list[str]) -> tuple[str, ...]:
     return tuple(m for v in values for m in v.split(",") if m)
-
-
-def _device(name: str | None) -> str:
-    """`--device`: as given, else the GPU when there is one."""
-    if name:
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
@@ -40,10 +32,10 @@ def _add_job_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """Arguments shared by the compression commands: calibration audio, output, device, progress."""
     p.add_argument("--calibration", help="calibration audio: file, folder or dataset (default: bundled clips)")
     p.add_argument("--calibration-limit", type=int, default=100, help="at most this many recordings (default 100)")
-    p.add_argument("--out", required=True, help=out_help)
+    add_out(p, out_help)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p)
+    add_quiet(p)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -62,7 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         damping=args.damping,
     )
     out = _output_dir(args)
-    model, processor = load(args.model, device=_device(args.device))
+    model, processor = load(args.model, device=resolve_device(args.device))
     slim = convert(
         model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
     )
@@ -93,7 +85,7 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
         raise SlimWhisperError("give only one of --preset, --theta, --rank")
     config = LowRankConfig(**kwargs)
     out = _output_dir(args)
-    model, processor = load(args.model, device=_device(args.device))
+    model, processor = load(args.model, device=resolve_device(args.device))
     calibration = args.stats if args.stats else args.calibration
     slim = convert(
         model,
@@ -147,9 +139,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .audio import load_audio
 
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
-    model, processor = load(args.model, device=_device(args.device))
+    model, processor = load(args.model, device=resolve_device(args.device))
     if args.engine == "generate":
-        from .transcribe import transcribe_arrays
+        from .decoding import transcribe_arrays
 
         texts = transcribe_arrays(model, processor, audios, language=args.language, batch_size=args.batch_size,
                                   num_beams=args.beams, engine="generate")
@@ -163,12 +155,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                                     condition_on_previous_text=args.condition_on_previous_text,
                                     progress=not args.quiet and sum(len(a) for a in audios) > 60 * 16_000)
         texts = [r.text for r in results]
-    if args.output_dir or (args.format != "txt" and results is not None):
+    if args.out or (args.format != "txt" and results is not None):
         from .engine.formats import render
 
         if results is None:
             raise SlimWhisperError("--format/--output-dir need the engine; drop --engine generate")
-        out_dir = Path(args.output_dir) if args.output_dir else None
+        out_dir = Path(args.out) if args.out else None
         for f, r in zip(args.audio, results):
             body = render(r, args.format)
             if out_dir is None:
@@ -183,7 +175,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         for row, r in zip(rows, results or []):
             row.update(language=r.language, duration=r.duration, segments=[vars(s) for s in r.segments])
         print(json.dumps(rows, ensure_ascii=False, indent=2))
-    elif not args.output_dir:
+    elif not args.out:
         for f, t in zip(args.audio, texts):
             print(f"{f}\t{t}")
     return 0
@@ -201,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert attention to multi-head latent attention (MLA)")
-    p.add_argument("--model", required=True, help="tiny.en, base, a model directory or a hub id")
+    add_model(p)
     p.add_argument("--modules", nargs="+", default=["decoder_self"], help="decoder_self, decoder_cross, encoder_self")
     p.add_argument("--kv-reduction", type=float, help="fraction of the converted modules' KV cache to save, e.g. 0.75")
     p.add_argument("--kept-dims", type=int, default=0, help="key dims per head kept exact (default 0)")
@@ -215,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
-    p.add_argument("model", help="tiny.en, base, a (converted) model directory or a hub id")
+    add_model(p)
     p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality (default), b: balanced, c: efficiency")
     p.add_argument("--theta", help="energy thresholds ATTN:MLP, e.g. 0.99:0.999 (one value: both)")
     p.add_argument("--rank", type=int, help="one fixed rank for every encoder linear")
@@ -230,23 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress_encoder)
 
     p = sub.add_parser("info", help="describe a model: cache bytes, geometry, parameters")
-    p.add_argument("model", help="a converted directory or anything `convert --model` accepts")
+    add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("transcribe", help="transcribe audio files of any length")
-    p.add_argument("model")
+    add_model(p)
     p.add_argument("audio", nargs="+", help="audio files (any common format and rate; stereo is mixed down)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {file, text, language, duration, segments}")
     p.add_argument("--language", help="language code for multilingual models (default: detect)")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_batch_size(p, 8, "30-s windows decoded together")
     p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
-    p.add_argument("--device", default=None)
+    add_device(p)
     p.add_argument("--engine", choices=["fast", "generate"], default="fast",
                    help="fast: static-cache engine (default); generate: transformers' generate()")
     p.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt", help="output format")
-    p.add_argument("--output-dir", help="write one FILE.FORMAT per input here instead of printing")
+    p.add_argument("--out", "--output-dir", dest="out", metavar="DIR",
+                   help="write one FILE.FORMAT per input into this folder instead of printing")
     p.add_argument("--timestamps", action="store_true", help="predict segment timestamps")
     p.add_argument("--mode", choices=["batched", "sequential"], default="batched",
                    help="batched: speech cut at silences into windows decoded together (fast, default); "
@@ -255,14 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no voice activity detection: fixed 30-s windows, silence decoded too")
     p.add_argument("--condition-on-previous-text", action="store_true",
                    help="sequential mode: prompt each window with the text before it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("demo", help="convert tiny.en at 75%% and compare it with the original on bundled clips")
-    p.add_argument("--model", default="tiny.en")
+    add_model(p, required=False)
+    p.set_defaults(model="tiny.en")
     p.add_argument("--kv-reduction", type=float, default=0.75)
-    p.add_argument("--out", help="also save the converted model here")
+    add_out(p, "also save the converted model in this folder", required=False)
     p.set_defaults(func=cmd_demo)
 
     from .eval.cli import add_parser as add_eval_parser
@@ -270,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub).set_defaults(func=run_eval)
 
-    from .finetune.cli import add_parser as add_finetune_parser
-    from .finetune.cli import run as run_finetune
+    from .recovery.cli import add_parser as add_finetune_parser
+    from .recovery.cli import run as run_finetune
 
     add_finetune_parser(sub).set_defaults(func=run_finetune)
 
@@ -287,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # generate()'s deprecation chatter is not for our users
     try:
+        resolve_model(args)
         return int(args.func(args) or 0)
     except SlimWhisperError as exc:
         print(f"slimwhisper: error: {exc}", file=sys.stderr)

@@ -24,8 +24,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     from . import MLAConfig, convert, load
+    from .decoding import transcribe_arrays
     from .info import describe
-    from .transcribe import transcribe_arrays
 
     model, processor = load(cfg.model)
     start = time.perf_counter()

@@ -104,7 +104,7 @@ def word_error_rate(ref: str, hyp: str, language: str) -> float:
 
 
 def generate_long_form_text(model, processor, audio: np.ndarray) -> str:
-    from slimwhisper.transcribe import generate_texts, generation_kwargs
+    from slimwhisper.decoding import generate_texts, generation_kwargs
 
     return generate_texts(model, processor, [audio], long_form=True, **generation_kwargs(model, None, 1))[0]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..cliargs import add_device, add_json, add_out, resolve_device
 from ..errors import SlimWhisperError
 
 
@@ -187,25 +188,45 @@ def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
     """Write `data` as indented JSON, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a file
     return path
 
 
-def load_for_bench(name: str, device: str = "cpu", dtype: str | None = None):
+def load_for_bench(name: str, device: str = "auto", dtype: str | None = None):
     """`slimwhisper.load` in eval mode, for a benchmark (a short name, a saved folder or a Hub id)."""
     from ..loading import load
 
-    model, _ = load(name, device=device, dtype=dtype)
+    model, _ = load(name, device=resolve_device(device), dtype=dtype)
     return model.eval()
 
 
+RESULT_FILE = "result.json"  # what every bench writes into --out
+
+
 def add_model_run_args(p) -> None:
-    """Arguments every model-timing bench shares: threads, device, dtype, --out FILE, --json."""
+    """Arguments every model-timing bench shares: threads, device, dtype, --out DIR, --json."""
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--out", help="also write the result JSON to this file")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (default: a short summary)")
+    add_result_args(p)
+
+
+def add_result_args(p) -> None:
+    """--out DIR (the result JSON goes to DIR/result.json) and --json (print it)."""
+    add_out(p, f"also write the result to DIR/{RESULT_FILE}", required=False)
+    add_json(p)
+
+
+def write_result(out: str | os.PathLike[str] | None, result: Mapping[str, Any]) -> Path | None:
+    """Write a bench result as `out`/result.json (atomically), when --out was given."""
+    if not out:
+        return None
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise SlimWhisperError(f"--out {folder} is a file; give a folder (the result goes to {folder}/{RESULT_FILE})")
+    return write_json(folder / RESULT_FILE, result)
 
 
 def finish_model_run(result: dict[str, Any], args, threads: int) -> bool:
@@ -213,8 +234,7 @@ def finish_model_run(result: dict[str, Any], args, threads: int) -> bool:
     result["models"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
     result["threads"] = threads
     result.update(run_metadata(threads=threads, device=args.device, dtype=args.dtype))
-    if args.out:
-        write_json(args.out, result)
+    write_result(args.out, result)
     if args.json:
         print(json.dumps(result))
     return bool(args.json)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
+from ..cliargs import add_batch_size, add_model
 from ..engine.cache import StaticEncoderDecoderCache, StaticLayer
 from ..engine.decode import DecoderRunner
 from ..engine.quantize import QUANTIZE_CHOICES, quantize
@@ -321,9 +322,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="ms per decode step of a model against a baseline, at a given batch and cache length",
         description=" ".join(__doc__.split("\n\n")[2].split()),
     )
-    p.add_argument("model", help="model name (tiny.en, base, ...) or a saved folder")
+    add_model(p)
     p.add_argument("--baseline", help="model to compare against in the same run (e.g. the original)")
-    p.add_argument("--batch", type=int, default=32)
+    add_batch_size(p, 32, "rows decoded together")
     p.add_argument("--cache-len", type=int, default=400, help="tokens already in the self-attention cache")
     p.add_argument("--encoder-frames", type=int, help="cross-attention length (default 1500 = 30 s)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per model (interleaved)")
@@ -349,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         baseline = quantize(baseline, args.quantize) if baseline is not None else None
     caches = {"both": ("dynamic", "static"), "all": CACHE_KINDS}.get(args.cache, (args.cache,))
     result = bench_decode(
-        model, baseline, batch=args.batch, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
+        model, baseline, batch=args.batch_size, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
         progress=not args.json, fold=args.fold,
     )

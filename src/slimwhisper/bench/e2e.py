@@ -35,9 +35,10 @@ import shutil
 import time
 from pathlib import Path
 
+from ..cliargs import add_batch_size, add_model
 from ..errors import SlimWhisperError
 from ..eval.metrics import corpus_wer
-from .common import run_metadata, set_threads
+from .common import add_result_args, run_metadata, set_threads, write_result
 from .longform import SYSTEMS as LONG_FORM_SYSTEMS
 
 SYSTEMS = ("slimwhisper", "slimwhisper_fp32", "hf_generate", "faster_whisper_int8", "faster_whisper_fp32")
@@ -46,9 +47,9 @@ OPT_IN_SYSTEMS = ("slimwhisper_compiled",)  # accepted by --systems, never run b
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("e2e", help="end-to-end RTF and WER: engine vs generate vs faster-whisper")
-    p.add_argument("--model", required=True, help="tiny.en, base, or a converted model directory")
+    add_model(p)
     p.add_argument("--data", required=True, help="dataset (manifest.jsonl, folder, ...)")
-    p.add_argument("--batch", type=int, default=8)
+    add_batch_size(p, 8, "30-s windows decoded together")
     p.add_argument("--language", help="keep only this language and decode with it (multilingual models)")
     p.add_argument("--limit", type=int, help="first N utterances")
     p.add_argument("--threads", type=int, help="intra-op threads for every system (default torch's)")
@@ -66,8 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "steadier figures on a busy machine)")
     p.add_argument("--per-token-windows", type=int, default=16,
                    help="windows decoded one at a time for the batch-1 per-token figure (default 16)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", help="also write the result JSON here")
+    add_result_args(p)
     return p
 
 
@@ -161,7 +161,7 @@ def _engine(model, processor, audios, language, batch, quantize, compile: bool =
 
 
 def _generate(model, processor, audios, language, batch) -> tuple[list[str], float]:
-    from ..transcribe import transcribe_arrays
+    from ..decoding import transcribe_arrays
 
     transcribe_arrays(model, processor, audios[:1], language=language, batch_size=batch, engine="generate")  # warm-up
     t0 = time.perf_counter()
@@ -190,9 +190,9 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
     from transformers.modeling_outputs import BaseModelOutput
 
     from ..audio import split_windows
+    from ..decoding import generation_kwargs
     from ..engine import Transcriber
     from ..engine.decode import greedy_decode
-    from ..transcribe import generation_kwargs
 
     engine = Transcriber(model, processor, batch_size=batch)
     windows = [w for a in audios for w in split_windows(a)][:max_windows]
@@ -251,8 +251,8 @@ def _per_token_runs(model, processor, audios, language, args, systems) -> dict |
     if not systems or args.no_per_token:
         return None
     rounds = args.per_token_rounds
-    out = {f"batch_{args.batch}": per_token(model, processor, audios, language, args.batch, systems, rounds)}
-    if args.batch != 1:
+    out = {f"batch_{args.batch_size}": per_token(model, processor, audios, language, args.batch_size, systems, rounds)}
+    if args.batch_size != 1:
         out["batch_1"] = per_token(model, processor, audios, language, 1, systems, rounds,
                                    max_windows=args.per_token_windows)
     return out
@@ -265,13 +265,12 @@ def _long_form(args: argparse.Namespace, samples, threads: int) -> dict:
     args.systems = args.systems or list(LONG_FORM_SYSTEMS)
     model, processor = load(args.model)
     result = run_long_form(model.eval(), processor, samples, args, threads)
-    return {**result, **run_metadata(model=args.model, data=args.data, batch=args.batch, threads=threads,
+    return {**result, **run_metadata(model=args.model, data=args.data, batch=args.batch_size, threads=threads,
                                      language=args.language, long_form=True)}
 
 
 def _report(result: dict, args: argparse.Namespace) -> int:
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -319,10 +318,10 @@ def run(args: argparse.Namespace) -> int:
                 # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
                 quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
                 compiled = system == "slimwhisper_compiled"
-                texts, wall, stats = _engine(model, processor, audios, language, args.batch, quant, compiled)
+                texts, wall, stats = _engine(model, processor, audios, language, args.batch_size, quant, compiled)
                 stats["quantize"] = quant
             elif system == "hf_generate":
-                texts, wall = _generate(model, processor, audios, language, args.batch)
+                texts, wall = _generate(model, processor, audios, language, args.batch_size)
             else:
                 compute = {"int8": "int8", "fp32": "float32"}[system.rsplit("_", 1)[1]]
                 texts, wall = _faster_whisper(model, audios, language or "en", compute, threads)
@@ -346,10 +345,9 @@ def run(args: argparse.Namespace) -> int:
         "details": extra,
         "audio_seconds": seconds,
         "utterances": len(samples),
-        **run_metadata(model=args.model, data=args.data, batch=args.batch, threads=threads, language=language),
+        **run_metadata(model=args.model, data=args.data, batch=args.batch_size, threads=threads, language=language),
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cliargs import add_batch_size, add_model
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 
@@ -51,9 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench encoder`."""
     p = subparsers.add_parser("encoder", help="encoder ms per 30-s pass of a model against a baseline",
                               description=" ".join(__doc__.split("\n\n")[2].split()))
-    p.add_argument("model", help="model name or saved folder (e.g. made by `slimwhisper compress-encoder`)")
+    add_model(p)
     p.add_argument("--baseline", help="model to compare against (e.g. the original)")
-    p.add_argument("--batch", type=int, default=1)
+    add_batch_size(p, 1, "30-s windows encoded together")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     add_model_run_args(p)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     models = {"model": load_for_bench(args.model, args.device, args.dtype)}
     if args.baseline:
         models = {"baseline": load_for_bench(args.baseline, args.device, args.dtype), **models}
-    result = bench_encoder(models, args.batch, args.repeats, args.warmup)
+    result = bench_encoder(models, args.batch_size, args.repeats, args.warmup)
     if finish_model_run(result, args, threads):
         return 0
     for key, ms in result["ms_per_pass"].items():

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cliargs import add_model
 from ..memory import cache_bytes_held, kv_cache_bytes
-from .common import load_for_bench, run_metadata, write_json
+from .common import add_result_args, load_for_bench, run_metadata, write_result
 from .decode import prepare_decode
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -94,15 +95,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench kv`."""
     p = subparsers.add_parser("kv", help="KV-cache bytes vs batch and length, largest batch in a memory budget",
                               description=" ".join(__doc__.split("\n\n")[2].split()))
-    p.add_argument("model", help="model name (tiny.en, base, ...) or a saved folder")
+    add_model(p)
     p.add_argument("--baseline", help="model to compare against (e.g. the original)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32, 64])
     p.add_argument("--lengths", nargs="+", type=int, default=[64, 200, 448])
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="cache dtype (default float16)")
     p.add_argument("--budget-gib", type=float, default=1.0, help="cache memory budget for the largest batch")
     p.add_argument("--no-held", action="store_true", help="skip checking the formula against a real cache")
-    p.add_argument("--out", help="also write the result JSON to this file")
-    p.add_argument("--json", action="store_true", help="print JSON (default: a short summary)")
+    add_result_args(p)
     return p
 
 
@@ -114,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
                       check_held=not args.no_held)
     result["names"] = {"model": args.model, **({"baseline": args.baseline} if args.baseline else {})}
     result.update(run_metadata())
-    if args.out:
-        write_json(args.out, result)
+    write_result(args.out, result)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -49,7 +49,7 @@ def _engine(model, processor, audio, language, batch, quantize, mode) -> tuple[s
 
 
 def _generate(model, processor, audio, language) -> tuple[str, float]:
-    from ..transcribe import generate_texts, generation_kwargs
+    from ..decoding import generate_texts, generation_kwargs
 
     kwargs = generation_kwargs(model, language, 1)
     generate_texts(model, processor, [audio[: 40 * SAMPLE_RATE]], long_form=True, **kwargs)  # warm-up
@@ -97,7 +97,7 @@ def run_long_form(model, processor, samples, args, threads: int) -> dict:
         if system not in SYSTEMS:
             raise SlimWhisperError(f"{system} has no long-form run; choose from {', '.join(SYSTEMS)}")
         try:
-            text, wall, stats = run_system(system, model, processor, audio, args.language, args.batch, threads)
+            text, wall, stats = run_system(system, model, processor, audio, args.language, args.batch_size, threads)
         except (ImportError, SlimWhisperError) as exc:
             rtf[system] = wer[system] = None
             details[system] = {"skipped": str(exc)}

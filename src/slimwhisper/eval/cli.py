@@ -9,10 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cliargs import add_batch_size, add_device, add_model, add_out, add_quiet, resolve_device, resolve_model
 from ..data import open_dataset
 from ..data.records import normalize_language
+from ..decoding import ENGINES
 from ..errors import SlimWhisperError
-from ..transcribe import ENGINES
 from .evaluate import LONG_AUDIO_CHOICES, evaluate
 from .report import SUMMARY_JSON, SUMMARY_MD, markdown_table
 
@@ -28,16 +29,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "with --baseline, report the difference with a paired-bootstrap 95%% interval. Every utterance is logged "
         "to DIR/utterances.jsonl as it is scored; rerunning the same command resumes.",
     )
-    p.add_argument("model", help="model name (tiny.en, base, ...) or a Hugging Face / CTranslate2 folder")
+    add_model(p)
     p.add_argument("--data", required=True, help="manifest.jsonl, LibriSpeech tree, Common Voice folder or .tsv, "
                    "datasets.save_to_disk folder, or a folder/CSV of audio")
-    p.add_argument("--out", required=True, help="output folder: summary.json, summary.md, utterances.jsonl")
+    add_out(p, "output folder: summary.json, summary.md, utterances.jsonl")
     p.add_argument("--baseline", help="model to compare against on the same utterances")
     p.add_argument("--language", help="evaluate only this language (samples without one count as it) and "
                    "decode it as that language")
     p.add_argument("--limit", type=int, help="first N samples only (after --language)")
     p.add_argument("--split", help="split of a Common Voice folder or a saved DatasetDict (default: test)")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_batch_size(p, 8, "utterances decoded together")
     p.add_argument("--beams", type=int, default=1, help="beam size; 1 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per 30-s window")
     p.add_argument("--engine", choices=ENGINES, default="fast",
@@ -45,26 +46,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "generate(), the reference")
     p.add_argument("--long-audio", choices=LONG_AUDIO_CHOICES, default="longform",
                    help="clips over 30 s: decode long-form with timestamps (default), skip and report, or stop")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps")
+    add_device(p)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable, empty or missing file "
                    "instead of skipping and reporting it")
     p.add_argument("--bootstrap", type=int, default=10_000, help="paired-bootstrap draws (default 10000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet(p)
     return p
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _load(name: str, device: str, dtype):
@@ -93,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=Path(args.out), baseline=baseline, tag=args.model, baseline_tag=args.baseline, device=device,
         dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio, engine=args.engine,
         on_error="raise" if args.strict else "skip", n_bootstrap=args.bootstrap, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     print(markdown_table(result))
     print(f"\n{result.skipped.describe()}; {result.wall_seconds:.1f} s; "
@@ -107,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
+        resolve_model(args)
         return run(args)
     except SlimWhisperError as exc:
         print(f"error: {exc}", file=sys.stderr)

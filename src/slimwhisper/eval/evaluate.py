@@ -21,8 +21,8 @@ from typing import Any, Literal
 from ..audio import CHUNK_SECONDS, SAMPLE_RATE
 from ..data.records import Dataset, Sample, SkipReport, normalize_language
 from ..data.stream import iter_audio
+from ..decoding import ENGINES, TextDecoder, is_multilingual, text_decoder
 from ..errors import SlimWhisperError
-from ..transcribe import ENGINES, TextDecoder, is_multilingual, text_decoder
 from .metrics import char_errors, word_errors
 from .normalize import NORMALIZER_VERSION, char_text, normalize
 from .report import EvalResult, summarize

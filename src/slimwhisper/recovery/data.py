@@ -28,10 +28,10 @@ from torch import nn
 
 from ..audio import SAMPLE_RATE
 from ..data import Dataset, Sample, SkipReport, iter_audio, load_sample_audio, open_dataset
+from ..decoding import text_decoder
 from ..errors import SlimWhisperError
 from ..loading.cache import cache_root
 from ..tokens import TokenIds, decoder_prompt
-from ..transcribe import text_decoder
 from .losses import IGNORE_INDEX
 
 CACHE_FORMAT = 1  # bump when the stored layout changes

@@ -9,6 +9,7 @@ import argparse
 import json
 from dataclasses import fields
 
+from ..cliargs import add_device, add_model, add_out, add_quiet
 from ..errors import SlimWhisperError
 from .config import MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
 
@@ -30,15 +31,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "distillation from its logits; with --control, train the original identically as the baseline. "
         "--scope converted trains only the compressed modules (e.g. a low-rank encoder).",
     )
-    p.add_argument("model", help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
+    add_model(p, help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
     p.add_argument("--train", required=True, help="training data: manifest.jsonl, LibriSpeech, Common Voice, ...")
-    p.add_argument("--out", required=True, help="output directory: model/, control/, finetune.json, loss.png")
+    add_out(p, "output folder: model/, control/, finetune.json, loss.png")
     p.add_argument("--control", action="store_true", help="also train the unconverted original identically")
     p.add_argument("--scope", default=d.scope, choices=SCOPES, help=f"trainable parameters (default {d.scope})")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")
     for name, kind in _OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
-                       help=f"default {getattr(d, name)}")
+        flags = ["--" + name.replace("_", "-")] + (["--batch"] if name == "batch_size" else [])
+        p.add_argument(*flags, dest=name, type=kind, default=getattr(d, name), help=f"default {getattr(d, name)}")
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
     p.add_argument("--label-free", action=argparse.BooleanOptionalAction, default=d.label_free,
                    help="targets: the original's greedy transcripts (default; keeps its style, needs no transcripts) "
@@ -48,9 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="bf16/fp16 on a GPU (CPU always trains in fp32)")
     p.add_argument("--teacher", help="the uncompressed original (default: the source recorded in the model)")
     p.add_argument("--cache-dir", help="encoder-output cache (default ~/.cache/slimwhisper/encoder-outputs)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_device(p)
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
     return p
 
 
@@ -63,6 +64,11 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def _device(name: str) -> str | None:
+    """auto: Accelerate's choice (the GPU when there is one; each process its own under `accelerate launch`)."""
+    return None if name == "auto" else name
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -72,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.train).expanduser().exists():
         raise SlimWhisperError(f"training data {args.train} does not exist; give a manifest.jsonl or dataset folder")
     job = RecoveryJob(model=args.model, train=args.train, out=args.out, config=config, control=args.control,
-                      teacher=args.teacher, cache_dir=args.cache_dir, device=args.device, overwrite=args.overwrite,
-                      progress=not args.quiet)
+                      teacher=args.teacher, cache_dir=args.cache_dir, device=_device(args.device),
+                      overwrite=args.overwrite, progress=not args.quiet)
     record = recover(job)
     arms = {arm: {k: r[k] for k in ("path", "steps_done", "wall_seconds", "last")} for arm, r in record["arms"].items()}
     print(json.dumps({"out": args.out, "arms": arms}, indent=2))

@@ -1,6 +1,6 @@
 """Recovery fine-tuning of compressed models against a paired, identically trained control.
 
-    from slimwhisper.finetune import FinetuneConfig, finetune
+    from slimwhisper.recovery import FinetuneConfig, finetune
     finetune(slim, "train/manifest.jsonl", FinetuneConfig(), processor=processor, teacher=original)
 
 `recover(RecoveryJob(...))` is the whole `slimwhisper finetune` command (both arms, files, resume).

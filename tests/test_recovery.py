@@ -14,8 +14,9 @@ from conftest import byte_whisper_pair
 from slimwhisper.cli import main
 from slimwhisper.data import Sample
 from slimwhisper.errors import SlimWhisperError
-from slimwhisper.finetune import FinetuneConfig, finetune, lr_factor, select_trainable
-from slimwhisper.finetune.data import (
+from slimwhisper.loading.processor import save_processor
+from slimwhisper.recovery import FinetuneConfig, finetune, lr_factor, select_trainable
+from slimwhisper.recovery.data import (
     EncoderCache,
     build_items,
     collate,
@@ -25,9 +26,8 @@ from slimwhisper.finetune.data import (
     prefix_ids,
     weights_fingerprint,
 )
-from slimwhisper.finetune.losses import IGNORE_INDEX, combined_loss, cross_entropy, distillation, topk_distillation
-from slimwhisper.finetune.train import batch_indices, converted_paths
-from slimwhisper.loading.processor import save_processor
+from slimwhisper.recovery.losses import IGNORE_INDEX, combined_loss, cross_entropy, distillation, topk_distillation
+from slimwhisper.recovery.train import batch_indices, converted_paths
 
 LANGS = ("en", "de")
 FAST = dict(steps=4, batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2, lr=1e-3)
@@ -369,7 +369,7 @@ def test_label_free_trains_on_cached_teacher_transcripts(slim, tmp_path, monkeyp
     assert len(files) == 1
     texts = json.loads(files[0].read_text())
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts.values())
-    import slimwhisper.finetune.data as data_module
+    import slimwhisper.recovery.data as data_module
 
     def no_generation(*args, **kwargs):  # the second run must read the cache, not decode again
         raise AssertionError("teacher transcripts were recomputed")
@@ -379,7 +379,7 @@ def test_label_free_trains_on_cached_teacher_transcripts(slim, tmp_path, monkeyp
 
 
 def test_normalised_references_are_recognised():
-    from slimwhisper.finetune.data import looks_normalised
+    from slimwhisper.recovery.data import looks_normalised
 
     assert looks_normalised(["i am from the cutter", "don't cry he said", "HELLO WORLD"])
     assert not looks_normalised(["I am from the cutter.", "Don't cry, he said.", "Hello world!"])
