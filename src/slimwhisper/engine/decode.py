@@ -8,19 +8,18 @@ longest unfinished rows cost, not its longest row times the batch.
 
 On a CPU, ordinary (MHA) cross-attention runs the engine's own `cross_attention`: it keeps the encoder
 keys transposed, [B, H, h, T], so each step is two plain matmuls that stream the keys and values once;
-for one query row per head over 1500 frames that is faster than SDPA over [B, H, T, h] keys (27% at
-batch 8, 10% at batch 1, one thread). Ordinary self-attention runs `self_attention`, with q, k and v
-projected by one fused linear (int8 with a scale per row when the model is quantised): at batch 1 a
-small projection costs mostly per call, not per weight, so one call instead of three takes one
-layer's self-attention from about 0.5 ms (the HF module, int8) to about 0.3 ms. MLA self-attention
+for one query row per head over 1500 frames that beats SDPA over [B, H, T, h] keys. Ordinary
+self-attention runs `self_attention`, with q, k and v projected by one fused linear (int8 with a scale
+per row when the model is quantised): at batch 1 a small projection costs mostly per call, not per
+weight, so one call instead of three pays. MLA self-attention
 steps likewise project [query | latent | kept key dims] with one fused linear (`mla_self_attention`),
 then run the module's own absorbed arithmetic (`WhisperMLAAttention.attend_latent`); its prefill,
 MLA cross-attention and other devices keep the model's own modules. Fused weights are copies made
 when the runner is built: a runner does not follow later changes to the model's weights.
 
 The runner calls a layer's per-step linears through `LayerCalls`: for int8 layers these are the
-quantised op itself (`quantize.direct_call`), which skips nn.Module's per-call work (a sixth to a
-quarter of a small int8 linear's time at batch 1, with 25 such calls per token), and the cross-attention
+quantised op itself (`quantize.direct_call`), which skips nn.Module's per-call work (a real share of a
+small int8 linear's time at batch 1, and tiny.en makes 25 such calls per token), and the cross-attention
 keys and values of a window come from one int8 call over the encoder output (`quantize.stack_int8_rows`),
 which quantises that input once instead of twice. Both give the modules' results bit for bit.
 """
@@ -221,32 +220,20 @@ class FusedMLA:
 
 
 def fuse_mla(attn: WhisperMLAAttention, fold: tuple[bool, bool] | None = None) -> FusedMLA:
-    """`FusedMLA` for `attn`'s current weights, int8 per row if `attn`'s projections are int8.
+    """`FusedMLA` for `attn`'s current weights (`WhisperMLAAttention.step_weights`), int8 per row if `attn`'s
+    projections are int8.
 
     `fold` (fold U_k into the query, fold U_v into the output) defaults to the module's own fold plan,
-    which never folds int8 layers. Folding is done here from dequantised weights, so int8 layers can
-    be told to: their folded projections become int8 matmuls in place of two float per-head products
-    (a few per cent faster per token for tiny.en MLA 75% at batch 1 and 8), but quantising the folded
-    weights cost accuracy (WER 6.97 -> 7.25% on the 43 English realspeech clips, 8.07 -> 8.72% on
-    synth-en-test), so it is not the default.
+    which never folds int8 layers. Folding is done from dequantised weights, so int8 layers can be told
+    to: their folded projections become int8 matmuls in place of two float per-head products, which is
+    faster, but quantising the folded weights costs accuracy (BENCHMARKS.md), so it is not the default.
     """
-    fold_q, fold_o = attn.fold_plan() if fold is None else fold
-    weight, bias = float_weight_and_bias(attn.q_proj)
-    folded = attn.fold_projections((weight, bias) if fold_q else None,
-                                   float_weight_and_bias(attn.out_proj) if fold_o else None)
-    if fold_q:
-        query = (folded["q_weight"], folded["q_bias"])
-    else:
-        query = (weight * attn.scaling, None if bias is None else bias * attn.scaling)
-    parts = [query, float_weight_and_bias(attn.kv_down)]
-    if attn.kept_proj is not None:
-        parts.append(float_weight_and_bias(attn.kept_proj))
-    proj = _linear_of([w for w, _ in parts], [b for _, b in parts], int8=is_quantized_linear(attn.q_proj))
+    step = attn.step_weights(float_weight_and_bias, fold)
+    proj = _linear_of([w for w, _ in step.parts], [b for _, b in step.parts], int8=is_quantized_linear(attn.q_proj))
     output = None
-    if fold_o:
-        output = _linear_of([folded["o_weight"]], [folded["o_bias"]], int8=is_quantized_linear(attn.out_proj))
-    widths = (parts[0][0].shape[0], attn.latent_dim, attn.num_heads * attn.kept_dims)
-    return FusedMLA(proj, widths, fold_q, output)
+    if step.output is not None:
+        output = _linear_of([step.output[0]], [step.output[1]], int8=is_quantized_linear(attn.out_proj))
+    return FusedMLA(proj, step.widths, step.query_folded, output)
 
 
 def mla_self_attention(attn: WhisperMLAAttention, fused: FusedMLA, hidden: torch.Tensor,
@@ -256,12 +243,8 @@ def mla_self_attention(attn: WhisperMLAAttention, fused: FusedMLA, hidden: torch
     Caches the step's latent and kept key dims in `layer` as the module would; `out_proj` computes
     attn.out_proj when U_v is not folded (default: that module).
     """
-    batch, length, _ = hidden.shape
-    query, latent, kept = fused.proj(hidden).split(fused.widths, dim=-1)
-    kept = kept.view(batch, length, attn.num_heads, attn.kept_dims).transpose(1, 2)
-    latent, kept = layer.update(latent.unsqueeze(1), kept)
-    return attn.attend_latent(query, latent, kept, query_folded=fused.query_folded, output=fused.output,
-                              out_proj=out_proj)[0]
+    return attn.decode_step(fused.proj(hidden), fused.widths, layer, query_folded=fused.query_folded,
+                            output=fused.output, out_proj=out_proj)
 
 
 def cross_attention(
@@ -304,8 +287,7 @@ def transpose_frames_(dst: torch.Tensor, src: torch.Tensor, block: int = 256) ->
     """Write src [B, T, C] transposed into dst [B, C, T], `block` frames at a time.
 
     One strided copy of a whole window (1500 frames x 384 channels) misses cache on nearly every element;
-    block by block the source stays in cache, which halved the copy on a 2-core Xeon (about 10 -> 4-5 ms
-    per layer for 8 windows, 1.0 -> 0.5 ms for one).
+    block by block the source stays in cache.
     """
     for start in range(0, src.shape[1], block):
         dst[:, :, start : start + block].copy_(src[:, start : start + block].transpose(1, 2))

@@ -118,7 +118,7 @@ def keep_fused_kernel(
 
     Fused attention kernels (PyTorch's flash kernel on CPU) need one head dim for q, k and v; with
     mixed dims SDPA falls back to materialising the [L, L] scores, which on 1500 frames costs more
-    than the rank space saves (base, squared preset c: one such layer took ~600 ms against ~200 ms).
+    than the rank space saves.
     """
 
     def same_dims(scores: bool, values: bool) -> bool:

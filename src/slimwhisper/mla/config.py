@@ -48,9 +48,9 @@ class MLAConfig(Recipe):
             paper) or "split" (separate SVDs of the key and value parts, half the latent each).
         damping: for "activation": ridge added to the input second moment, as a fraction of its mean
             eigenvalue, so directions the calibration audio rarely excites keep some weight. The decoder
-            sees only a few hundred tokens in the bundled clips (fewer rows than d_model): measured on
-            real speech at 75%, 0.01 broke base (+38 WER points on 16 clips) while 0.1 and 1.0 matched
-            the original. Lower it when calibrating on thousands of utterances.
+            sees only a few hundred tokens in the bundled clips (fewer rows than d_model), and too little
+            damping then breaks base while 0.1 keeps it (BENCHMARKS.md). Lower it when calibrating on
+            thousands of utterances.
         version: format version of this recipe.
     """
 

@@ -139,11 +139,8 @@ def prefer_sdpa(latent: torch.Tensor) -> bool:
     """Whether the fused SDPA kernel beats two plain matmuls for reading this latent cache [B, 1, T, d_c].
 
     On a CPU with several threads, SDPA over the latent (one key "head", the heads as query rows)
-    scales badly: measured with 2 threads on a 2-core Xeon, d_c = 192, 6 heads, one query token,
-    it took 2.8x the matmuls' time at batch 32 with 400 cached tokens (and more than with one
-    thread), 1.2x at batch 1 with 400; it won only on short caches (batch 1, up to ~200 tokens).
-    So a multi-threaded CPU takes the matmuls once batch x tokens reaches 400; GPUs and single
-    threads keep SDPA.
+    scales badly with threads: it wins only on short caches at small batch. So a multi-threaded CPU
+    takes the matmuls once batch x tokens reaches 400; GPUs and single threads keep SDPA.
     """
     if latent.device.type != "cpu" or torch.get_num_threads() == 1:
         return True

@@ -18,6 +18,7 @@ weights are derived on first use and rebuilt whenever the weights they come from
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,6 +31,21 @@ from .math import absorb_query, expand_values, fold_choice, fold_output, fold_qu
 
 DECODE_MODES = ("absorbed", "materialized")
 FOLD_MODES = ("auto", "never", "always")
+
+
+WeightOf = Callable[[nn.Module], tuple[torch.Tensor, "torch.Tensor | None"]]  # a linear's float weight, bias
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """The float weights of one decode step, for a caller that builds its own projections (the engine fuses
+    and may quantise them): `parts` (query, latent, kept key dims) stack into one linear whose output splits
+    by `widths`; `output`, when U_v is folded, is out_proj with U_v in it."""
+
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]]
+    widths: tuple[int, int, int]
+    query_folded: bool
+    output: tuple[torch.Tensor, torch.Tensor | None] | None
 
 
 class WhisperMLAAttention(WhisperAttention):
@@ -195,6 +211,36 @@ class WhisperMLAAttention(WhisperAttention):
             return output(mixed.transpose(1, 2).reshape(batch, length, heads * self.latent_dim)), weights
         out = expand_values(mixed, self.up_v_heads(), self.bias_v_heads())
         return (out_proj or self.out_proj)(out.reshape(batch, length, -1)), weights
+
+    def step_weights(self, weight_of: WeightOf, fold: tuple[bool, bool] | None = None) -> StepWeights:
+        """The decode step's projections as float weights (`weight_of` reads a linear, int8 ones dequantised).
+
+        `fold` (fold U_k into the query, U_v into the output) defaults to the module's own plan.
+        """
+        fold_q, fold_o = self.fold_plan() if fold is None else fold
+        weight, bias = weight_of(self.q_proj)
+        folded = self.fold_projections((weight, bias) if fold_q else None,
+                                       weight_of(self.out_proj) if fold_o else None)
+        if fold_q:
+            query = (folded["q_weight"], folded["q_bias"])
+        else:
+            query = (weight * self.scaling, None if bias is None else bias * self.scaling)
+        parts = [query, weight_of(self.kv_down)] + ([weight_of(self.kept_proj)] if self.kept_proj is not None else [])
+        widths = (query[0].shape[0], self.latent_dim, self.num_heads * self.kept_dims)
+        output = (folded["o_weight"], folded["o_bias"]) if fold_o else None
+        return StepWeights(parts, widths, fold_q, output)
+
+    def decode_step(self, projected: torch.Tensor, widths: tuple[int, int, int], cache_layer, *,
+                    query_folded: bool, output: Callable | None = None, out_proj: Callable | None = None
+                    ) -> torch.Tensor:
+        """One single-token step from `projected` [B, 1, sum(widths)] (the `step_weights` projections of the
+        input): caches the latent and kept key dims in `cache_layer` (a transformers cache layer), then runs
+        the absorbed attention; returns the output [B, 1, d]."""
+        batch, length, _ = projected.shape
+        query, latent, kept = projected.split(widths, dim=-1)
+        kept = kept.view(batch, length, self.num_heads, self.kept_dims).transpose(1, 2)
+        latent, kept = cache_layer.update(latent.unsqueeze(1), kept)
+        return self.attend_latent(query, latent, kept, query_folded=query_folded, output=output, out_proj=out_proj)[0]
 
     def fold_plan(self, fold: str | None = None) -> tuple[bool, bool]:
         """(fold U_k into q_proj, fold U_v into out_proj) for decoding, per `fold` (default `self.fold`).
