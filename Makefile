@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast benchmarks clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real"
+
+# BENCHMARKS.md and README's results table, rebuilt from benchmarks/results/ (no measuring, no install)
+benchmarks:
+	$(PYTHON) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

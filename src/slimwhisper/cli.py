@@ -189,9 +189,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `slimwhisper` parser: one subcommand each, the eval, finetune and bench ones registered by their modules."""
     parser = argparse.ArgumentParser(prog="slimwhisper", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert_parser(sub)
+    _add_compress_encoder_parser(sub)
+    _add_info_parser(sub)
+    _add_transcribe_parser(sub)
+    _add_demo_parser(sub)
 
+    from .eval.cli import add_parser as add_eval_parser
+    from .eval.cli import run as run_eval
+
+    add_eval_parser(sub).set_defaults(func=run_eval)
+
+    from .recovery.cli import add_parser as add_finetune_parser
+    from .recovery.cli import run as run_finetune
+
+    add_finetune_parser(sub).set_defaults(func=run_finetune)
+
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # each bench subcommand sets its own func
+    return parser
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    """`convert`: MLA conversion of the attention modules."""
     p = sub.add_parser("convert", help="convert attention to multi-head latent attention (MLA)")
     add_model(p)
     p.add_argument("--modules", nargs="+", default=["decoder_self"], help="decoder_self, decoder_cross, encoder_self")
@@ -206,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(p, "output directory (HF model + processor)")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
+    """`compress-encoder`: low-rank encoder linears (LiteASR)."""
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
     add_model(p)
     p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality (default), b: balanced, c: efficiency")
@@ -221,11 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(p, "output directory (model, processor, encoder_stats.safetensors)")
     p.set_defaults(func=cmd_compress_encoder)
 
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    """`info`: what a model's cache and parameters cost."""
     p = sub.add_parser("info", help="describe a model: cache bytes, geometry, parameters")
     add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
+
+def _add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
+    """`transcribe`: audio files to text, subtitles or JSON."""
     p = sub.add_parser("transcribe", help="transcribe audio files of any length")
     add_model(p)
     p.add_argument("audio", nargs="+", help="audio files (any common format and rate; stereo is mixed down)")
@@ -252,27 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
     p.set_defaults(func=cmd_transcribe)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """`demo`: a one-command tour on bundled clips."""
     p = sub.add_parser("demo", help="convert tiny.en at 75%% and compare it with the original on bundled clips")
     add_model(p, required=False)
     p.set_defaults(model="tiny.en")
     p.add_argument("--kv-reduction", type=float, default=0.75)
     add_out(p, "also save the converted model in this folder", required=False)
     p.set_defaults(func=cmd_demo)
-
-    from .eval.cli import add_parser as add_eval_parser
-    from .eval.cli import run as run_eval
-
-    add_eval_parser(sub).set_defaults(func=run_eval)
-
-    from .recovery.cli import add_parser as add_finetune_parser
-    from .recovery.cli import run as run_finetune
-
-    add_finetune_parser(sub).set_defaults(func=run_finetune)
-
-    from .bench.cli import add_parser as add_bench_parser
-
-    add_bench_parser(sub)  # each bench subcommand sets its own func
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

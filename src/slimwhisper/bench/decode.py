@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -199,68 +199,15 @@ def time_decode(
     """
     if not caches:
         raise SlimWhisperError("give at least one cache kind")
-    steppers: dict[str, DecodeStepper | EngineStepper] = {}
-    before: dict[str, Callable[[], None]] = {}
+    entries = _Entries(batch, cache_len, encoder_frames, fold, materialized)
     for name, m in models.items():
-        first = None
-        for i, kind in enumerate(caches):
-            suffix = f"_{kind}" if i else ""
-            if kind == "engine":  # the runner fuses the fold plan when it is built: one runner per plan
-                if is_mla(m):
-                    set_decode_mode(m, "absorbed", fold)
-                stepper = prepare_engine_decode(m, batch, cache_len, encoder_frames)
-            else:
-                stepper = prepare_decode(m, batch, cache_len, encoder_frames, kind, shared=first)
-                first = first or stepper
-            steppers[name + suffix] = stepper
-            if is_mla(m):
-                before[name + suffix] = _mode_switch(m, "absorbed", fold)
-                if fold != "never" and folds_anything(m, fold):
-                    unfolded = stepper
-                    if kind == "engine":
-                        set_decode_mode(m, "absorbed", "never")
-                        unfolded = prepare_engine_decode(m, batch, cache_len, encoder_frames)
-                    steppers[f"{name}_unfolded{suffix}"] = unfolded
-                    before[f"{name}_unfolded{suffix}"] = _mode_switch(m, "absorbed", "never")
-                if materialized:
-                    steppers[f"{name}_materialized{suffix}"] = stepper
-                    before[f"{name}_materialized{suffix}"] = _mode_switch(m, "materialized")
-    first_model = next(iter(models.values()))
-    with torch.inference_mode():
-        fns = {key: s.step for key, s in steppers.items()}
-        device = next(first_model.parameters()).device
-        times = interleaved_times(fns, repeats, warmup, device=device, progress=progress, before=before)
-    for m in models.values():
-        if is_mla(m):
-            set_decode_mode(m, "absorbed", "auto")
+        entries.add_model(name, m, caches)
+    times = _time_entries(models, entries, repeats, warmup, progress)
     ms = {key: median_ms(t) for key, t in times.items()}
-    result: dict[str, Any] = {"ms_per_token": ms}
-    if baseline in ms:
-        result["speedup"] = {key: ms[baseline] / v for key, v in ms.items() if key != baseline}
-        # against the baseline on the same kind of cache ("model_static" vs "baseline_static")
-        same = {}
-        for key, v in ms.items():
-            kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
-            ref = f"{baseline}_{kind}" if kind else baseline
-            if key != ref and ref in ms:
-                same[key] = ms[ref] / v
-        result["speedup_same_cache"] = same
-    result["tokens_per_s"] = {key: batch * 1e3 / v for key, v in ms.items()}
-    # interference only ever adds time, so the fastest repeat is a second, load-robust estimate
-    result["min_ms_per_token"] = {key: min(t) * 1e3 for key, t in times.items()}
-    result["times_ms"] = {key: [round(x * 1e3, 3) for x in t] for key, t in times.items()}
-    result["spread_ms"] = {key: statistics.pstdev(t) * 1e3 for key, t in times.items()}
+    result: dict[str, Any] = {"ms_per_token": ms, **_speedups(ms, caches, baseline), **_rates(times, ms, batch)}
+    first_model = next(iter(models.values()))
     dtype = next(first_model.parameters()).dtype
-    result["cache_bytes"] = {}
-    for name, m in models.items():
-        held = cache_bytes_held(steppers[name].cache)
-        analytic = kv_cache_bytes(m, batch, cache_len, dtype, encoder_frames)
-        result["cache_bytes"][name] = {
-            "held_self": held.self_attention,
-            "held_cross": held.cross_attention,
-            "analytic_self": analytic.self_attention,
-            "analytic_cross": analytic.cross_attention,
-        }
+    result["cache_bytes"] = _cache_bytes(models, entries.steppers, batch, cache_len, dtype, encoder_frames)
     result["traffic"] = traffic_bound(models, caches, batch, cache_len, dtype, encoder_frames, baseline)
     result.update(
         batch=batch,
@@ -273,6 +220,112 @@ def time_decode(
         definition=DEFINITION,
     )
     return result
+
+
+@dataclass
+class _Entries:
+    """The timed entries in output order: a stepper per entry and the decode mode each needs set before its steps."""
+
+    batch: int
+    cache_len: int
+    encoder_frames: int | None
+    fold: str
+    materialized: bool
+    steppers: dict[str, DecodeStepper | EngineStepper] = field(default_factory=dict)
+    before: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+    def add_model(self, name: str, m: nn.Module, caches: tuple[str, ...]) -> None:
+        """One entry per cache kind ("_<kind>" after the first), each followed by the model's MLA variants."""
+        first = None
+        for i, kind in enumerate(caches):
+            suffix = f"_{kind}" if i else ""
+            if kind == "engine":  # the runner fuses the fold plan when it is built: one runner per plan
+                if is_mla(m):
+                    set_decode_mode(m, "absorbed", self.fold)
+                stepper = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames)
+            else:
+                stepper = prepare_decode(m, self.batch, self.cache_len, self.encoder_frames, kind, shared=first)
+                first = first or stepper
+            self.steppers[name + suffix] = stepper
+            if is_mla(m):
+                self._add_mla_variants(name, suffix, m, kind, stepper)
+
+    def _add_mla_variants(self, name: str, suffix: str, m: nn.Module, kind: str,
+                          stepper: DecodeStepper | EngineStepper) -> None:
+        """Absorbed decode with `fold` for the entry itself, plus its "_unfolded" and "_materialized" twins."""
+        fold = self.fold
+        self.before[name + suffix] = _mode_switch(m, "absorbed", fold)
+        if fold != "never" and folds_anything(m, fold):
+            unfolded = stepper
+            if kind == "engine":
+                set_decode_mode(m, "absorbed", "never")
+                unfolded = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames)
+            self.steppers[f"{name}_unfolded{suffix}"] = unfolded
+            self.before[f"{name}_unfolded{suffix}"] = _mode_switch(m, "absorbed", "never")
+        if self.materialized:
+            self.steppers[f"{name}_materialized{suffix}"] = stepper
+            self.before[f"{name}_materialized{suffix}"] = _mode_switch(m, "materialized")
+
+
+def _time_entries(models: Mapping[str, nn.Module], entries: _Entries, repeats: int, warmup: int,
+                  progress: bool) -> dict[str, list[float]]:
+    """Seconds per step of every entry, timed in turns; the MLA models are left in their default decode mode."""
+    first_model = next(iter(models.values()))
+    with torch.inference_mode():
+        fns = {key: s.step for key, s in entries.steppers.items()}
+        device = next(first_model.parameters()).device
+        times = interleaved_times(fns, repeats, warmup, device=device, progress=progress, before=entries.before)
+    for m in models.values():
+        if is_mla(m):
+            set_decode_mode(m, "absorbed", "auto")
+    return times
+
+
+def _rates(times: Mapping[str, list[float]], ms: Mapping[str, float], batch: int) -> dict[str, dict]:
+    """Throughput, fastest and per-repeat times and their spread, per entry."""
+    return {
+        "tokens_per_s": {key: batch * 1e3 / v for key, v in ms.items()},
+        # interference only ever adds time, so the fastest repeat is a second, load-robust estimate
+        "min_ms_per_token": {key: min(t) * 1e3 for key, t in times.items()},
+        "times_ms": {key: [round(x * 1e3, 3) for x in t] for key, t in times.items()},
+        "spread_ms": {key: statistics.pstdev(t) * 1e3 for key, t in times.items()},
+    }
+
+
+def _same_cache_ref(key: str, caches: tuple[str, ...], baseline: str | None) -> str | None:
+    """The baseline entry on the same kind of cache as `key` ("model_static" -> "baseline_static")."""
+    kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
+    return f"{baseline}_{kind}" if kind else baseline
+
+
+def _speedups(ms: dict[str, float], caches: tuple[str, ...], baseline: str | None) -> dict[str, Any]:
+    """The "speedup" of every entry over the baseline entry, and its "speedup_same_cache" over the baseline
+    on the same cache kind; nothing when there is no baseline entry."""
+    if baseline not in ms:
+        return {}
+    same = {}
+    for key, v in ms.items():
+        ref = _same_cache_ref(key, caches, baseline)
+        if key != ref and ref in ms:
+            same[key] = ms[ref] / v
+    return {"speedup": {key: ms[baseline] / v for key, v in ms.items() if key != baseline},
+            "speedup_same_cache": same}
+
+
+def _cache_bytes(models: Mapping[str, nn.Module], steppers: Mapping[str, DecodeStepper | EngineStepper], batch: int,
+                 cache_len: int, dtype: torch.dtype, encoder_frames: int | None) -> dict[str, dict[str, int]]:
+    """Cache bytes each model's first entry holds, next to what `slimwhisper.memory` predicts."""
+    out = {}
+    for name, m in models.items():
+        held = cache_bytes_held(steppers[name].cache)
+        analytic = kv_cache_bytes(m, batch, cache_len, dtype, encoder_frames)
+        out[name] = {
+            "held_self": held.self_attention,
+            "held_cross": held.cross_attention,
+            "analytic_self": analytic.self_attention,
+            "analytic_cross": analytic.cross_attention,
+        }
+    return out
 
 
 def traffic_bound(
@@ -300,8 +353,7 @@ def traffic_bound(
             }
     per_step = out["bytes_per_step"]
     for key, entry in per_step.items():
-        kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
-        ref = f"{baseline}_{kind}" if kind else baseline
+        ref = _same_cache_ref(key, caches, baseline)
         if key != ref and ref in per_step:
             out["bound_speedup"][key] = per_step[ref]["total"] / entry["total"]
     return out

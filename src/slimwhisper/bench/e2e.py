@@ -33,6 +33,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..cliargs import add_batch_size, add_model
@@ -187,12 +188,9 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
     Uses the first `max_windows` 30-s windows (all by default) in batches of `batch`.
     """
     import torch
-    from transformers.modeling_outputs import BaseModelOutput
 
     from ..audio import split_windows
-    from ..decoding import generation_kwargs
     from ..engine import Transcriber
-    from ..engine.decode import greedy_decode
 
     engine = Transcriber(model, processor, batch_size=batch)
     windows = [w for a in audios for w in split_windows(a)][:max_windows]
@@ -201,6 +199,28 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
                    for i in range(0, len(windows), batch)]
     lang_id = engine.language_id(language) if (language and engine.multilingual) else None
     prompt = engine.sot_sequence(lang_id, "transcribe", False)
+    passes = _decoder_passes(model, processor, engine, prompt, language, batch, systems)
+    times, tokens = _timed_rounds(passes, encoded, rounds)
+    ms = {name: 1000 * min(ts) / tokens[name] for name, ts in times.items()}
+    result = {"ms_per_token": ms, "tokens": tokens, "windows": len(windows), "batch": batch, "rounds": rounds,
+              "decode_s": {name: min(ts) for name, ts in times.items()},
+              "rounds_s": {name: [round(t, 3) for t in ts] for name, ts in times.items()}}
+    if "hf_generate" in ms:
+        result["speedup_vs_hf_generate"] = {n: ms["hf_generate"] / v for n, v in ms.items() if n != "hf_generate"}
+    return result
+
+
+def _decoder_passes(model, processor, engine, prompt: list[int], language: str | None, batch: int,
+                    systems) -> dict[str, Callable[[list], int]]:
+    """One decode pass per torch system in `systems`: it greedy-decodes a list of encoder-output batches and
+    returns the tokens generated (EOT counted)."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from ..decoding import generation_kwargs
+    from ..engine import Transcriber
+    from ..engine.decode import greedy_decode
+
     runners = {}
     if "slimwhisper_fp32" in systems:
         runners["slimwhisper_fp32"] = engine.runner
@@ -227,6 +247,12 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
     passes = {name: (lambda batches, r=r: engine_pass(r, batches)) for name, r in runners.items()}
     if "hf_generate" in systems:
         passes["hf_generate"] = generate_pass
+    return passes
+
+
+def _timed_rounds(passes: dict[str, Callable[[list], int]], encoded: list,
+                  rounds: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds of every round of each pass (after a warm-up on the first batch) and the tokens each generated."""
     for fn in passes.values():  # warm-up on the first batch
         fn(encoded[:1])
     times: dict[str, list[float]] = {name: [] for name in passes}
@@ -237,13 +263,7 @@ def per_token(model, processor, audios, language: str | None, batch: int, system
             t0 = time.perf_counter()
             tokens[name] = passes[name](encoded)
             times[name].append(time.perf_counter() - t0)
-    ms = {name: 1000 * min(ts) / tokens[name] for name, ts in times.items()}
-    result = {"ms_per_token": ms, "tokens": tokens, "windows": len(windows), "batch": batch, "rounds": rounds,
-              "decode_s": {name: min(ts) for name, ts in times.items()},
-              "rounds_s": {name: [round(t, 3) for t in ts] for name, ts in times.items()}}
-    if "hf_generate" in ms:
-        result["speedup_vs_hf_generate"] = {n: ms["hf_generate"] / v for n, v in ms.items() if n != "hf_generate"}
-    return result
+    return times, tokens
 
 
 def _per_token_runs(model, processor, audios, language, args, systems) -> dict | None:
@@ -281,18 +301,12 @@ def _report(result: dict, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..audio import SAMPLE_RATE, load_audio
-    from ..data import open_dataset
     from ..loading import load
 
     if args.per_token_rounds < 1:  # checked before the timed runs, not after them
         raise SlimWhisperError(f"--per-token-rounds must be at least 1, got {args.per_token_rounds}")
     threads = set_threads(args.threads)
-    samples = list(open_dataset(args.data, keep_language=args.language, limit=args.limit))
-    if args.languages:
-        wanted = {code.strip().lower() for code in args.languages.split(",")}
-        samples = [s for s in samples if s.language in wanted]
-    if not samples:
-        raise SlimWhisperError(f"no utterances in {args.data}" + (f" in {args.languages}" if args.languages else ""))
+    samples = _samples(args)
     if args.long_form:
         return _report(_long_form(args, samples, threads), args)
     args.systems = args.systems or list(SYSTEMS)
@@ -304,39 +318,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     model, processor = load(args.model)
     model.eval()
-    device = next(model.parameters()).device
     multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
     language = args.language or (samples[0].language if multilingual else None)
-    rtf: dict = {}
-    wer: dict = {}
-    extra: dict = {}
-    tokenizer = processor.tokenizer
-    for system in args.systems:
-        stats = None
-        try:
-            if system.startswith("slimwhisper"):
-                # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
-                quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
-                compiled = system == "slimwhisper_compiled"
-                texts, wall, stats = _engine(model, processor, audios, language, args.batch_size, quant, compiled)
-                stats["quantize"] = quant
-            elif system == "hf_generate":
-                texts, wall = _generate(model, processor, audios, language, args.batch_size)
-            else:
-                compute = {"int8": "int8", "fp32": "float32"}[system.rsplit("_", 1)[1]]
-                texts, wall = _faster_whisper(model, audios, language or "en", compute, threads)
-        except (ImportError, SlimWhisperError) as exc:
-            rtf[system] = wer[system] = None
-            extra[system] = {"skipped": str(exc)}
-            continue
-        n_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
-        rtf[system], wer[system] = wall / seconds, corpus_wer(refs, texts, language or "en")
-        extra[system] = {"wall_s": wall, "output_tokens": n_tokens, "ms_per_output_token": 1000 * wall / n_tokens}
-        if stats:
-            extra[system]["engine"] = stats
-        if system == "slimwhisper_compiled":
-            extra[system].update(compile_s=stats["warmup_s"], compiled="encoder", graph_breaks=stats["graph_breaks"],
-                                 graphs_compiled_while_timed=stats["graphs_compiled_while_timed"])
+    rtf, wer, extra = _run_systems(model, processor, audios, refs, seconds, language, args, threads)
     torch_systems = [s for s in args.systems if s in ("slimwhisper", "slimwhisper_fp32", "hf_generate")]
     result = {
         "rtf": rtf,
@@ -351,11 +335,75 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        for system in rtf:
-            compile_s = extra[system].get("compile_s")
-            print(f"{system:22s} rtf {rtf[system]}  wer {wer[system]}"
-                  + (f"  (compile + warm-up {compile_s:.1f} s, not in rtf)" if compile_s is not None else ""))
-        for run_name, figures in (result["per_token"] or {}).items():
-            for system, ms in figures["ms_per_token"].items():
-                print(f"{system:22s} decoder-only {run_name}: {ms:.2f} ms per token")
+        _print_summary(result)
     return 0
+
+
+def _samples(args: argparse.Namespace) -> list:
+    """The utterances of `--data` the run uses (`--language`, `--languages`, `--limit`); none is an error."""
+    from ..data import open_dataset
+
+    samples = list(open_dataset(args.data, keep_language=args.language, limit=args.limit))
+    if args.languages:
+        wanted = {code.strip().lower() for code in args.languages.split(",")}
+        samples = [s for s in samples if s.language in wanted]
+    if not samples:
+        raise SlimWhisperError(f"no utterances in {args.data}" + (f" in {args.languages}" if args.languages else ""))
+    return samples
+
+
+def _run_systems(model, processor, audios: list, refs: list[str], seconds: float, language: str | None,
+                 args: argparse.Namespace, threads: int) -> tuple[dict, dict, dict]:
+    """rtf, WER and details of each system, one after another; a system that cannot run is skipped with the reason."""
+    device = next(model.parameters()).device
+    rtf: dict = {}
+    wer: dict = {}
+    extra: dict = {}
+    tokenizer = processor.tokenizer
+    for system in args.systems:
+        try:
+            texts, wall, stats = _run_system(system, model, processor, audios, language, args.batch_size, threads,
+                                             device)
+        except (ImportError, SlimWhisperError) as exc:
+            rtf[system] = wer[system] = None
+            extra[system] = {"skipped": str(exc)}
+            continue
+        n_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
+        rtf[system], wer[system] = wall / seconds, corpus_wer(refs, texts, language or "en")
+        extra[system] = {"wall_s": wall, "output_tokens": n_tokens, "ms_per_output_token": 1000 * wall / n_tokens}
+        if stats:
+            extra[system]["engine"] = stats
+        if system == "slimwhisper_compiled":
+            extra[system].update(compile_s=stats["warmup_s"], compiled="encoder", graph_breaks=stats["graph_breaks"],
+                                 graphs_compiled_while_timed=stats["graphs_compiled_while_timed"])
+    return rtf, wer, extra
+
+
+def _run_system(system: str, model, processor, audios: list, language: str | None, batch: int, threads: int,
+                device) -> tuple[list[str], float, dict | None]:
+    """One system's texts and timed wall, and the engine's stats (None for the other systems)."""
+    if system.startswith("slimwhisper"):
+        # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
+        quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
+        compiled = system == "slimwhisper_compiled"
+        texts, wall, stats = _engine(model, processor, audios, language, batch, quant, compiled)
+        stats["quantize"] = quant
+        return texts, wall, stats
+    if system == "hf_generate":
+        texts, wall = _generate(model, processor, audios, language, batch)
+        return texts, wall, None
+    compute = {"int8": "int8", "fp32": "float32"}[system.rsplit("_", 1)[1]]
+    texts, wall = _faster_whisper(model, audios, language or "en", compute, threads)
+    return texts, wall, None
+
+
+def _print_summary(result: dict) -> None:
+    """rtf and WER per system (compile time aside), then the decoder-only per-token figures."""
+    rtf, wer, extra = result["rtf"], result["wer"], result["details"]
+    for system in rtf:
+        compile_s = extra[system].get("compile_s")
+        print(f"{system:22s} rtf {rtf[system]}  wer {wer[system]}"
+              + (f"  (compile + warm-up {compile_s:.1f} s, not in rtf)" if compile_s is not None else ""))
+    for run_name, figures in (result["per_token"] or {}).items():
+        for system, ms in figures["ms_per_token"].items():
+            print(f"{system:22s} decoder-only {run_name}: {ms:.2f} ms per token")

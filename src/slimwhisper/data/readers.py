@@ -251,6 +251,23 @@ def open_dataset(
     """
     path = Path(path).expanduser()
     found, target = detect_layout(path, split) if layout is None else (layout, _explicit_target(layout, path, split))
+    reader = _reader(found, split, cache_dir)
+    if not target.exists():
+        raise SlimWhisperError(f"{target}: no such file or folder; check the --data path")
+    report = SkipReport()
+    default_lang, wanted = normalize_language(language), normalize_language(keep_language)
+    samples = _collect(reader(target), _skipper(report, on_error), default_lang=default_lang, wanted=wanted,
+                       check_files=check_files, limit=limit)
+    if not samples:
+        what = f"no usable samples in language '{wanted}'" if wanted else "no usable samples"
+        raise SlimWhisperError(
+            f"{path}: {what} ({report.describe()}); check the paths and languages in the {found} data"
+        )
+    return Dataset(samples=samples, report=report, layout=found, source=target.resolve())  # type: ignore[arg-type]
+
+
+def _reader(layout: str, split: str | None, cache_dir: Path | None) -> Callable[[Path], Iterator[Row]]:
+    """The reader of `layout`; an unknown name is refused with the list of known ones."""
     readers: dict[str, Callable[[Path], Iterator[Row]]] = {
         "librispeech": read_librispeech,
         "jsonl": read_jsonl,
@@ -258,21 +275,28 @@ def open_dataset(
         "hf_disk": partial(read_hf_disk, split=split, cache_dir=cache_dir),
         "audiofolder": read_audiofolder,
     }
-    if found not in readers:
-        raise SlimWhisperError(f"unknown layout '{found}'; use one of {', '.join(readers)}")
-    if not target.exists():
-        raise SlimWhisperError(f"{target}: no such file or folder; check the --data path")
-    report = SkipReport()
-    samples: list[Sample] = []
-    seen: set[str] = set()
-    default_lang, wanted = normalize_language(language), normalize_language(keep_language)
+    if layout not in readers:
+        raise SlimWhisperError(f"unknown layout '{layout}'; use one of {', '.join(readers)}")
+    return readers[layout]
+
+
+def _skipper(report: SkipReport, on_error: OnError) -> Callable[[str, str, str], None]:
+    """What happens to a bad entry: it goes into `report`, or with on_error="raise" stops the read."""
 
     def skip(rid: str, reason: str, detail: str) -> None:
         if on_error == "raise":
             raise AudioError(f"{rid}: {reason}: {detail}; fix or remove this entry, or run with skipping enabled")
         report.add(rid, reason, detail)
 
-    for row in readers[found](target):
+    return skip
+
+
+def _collect(rows: Iterator[Row], skip: Callable[[str, str, str], None], *, default_lang: str | None,
+             wanted: str | None, check_files: bool, limit: int | None) -> list[Sample]:
+    """The usable samples among `rows`, in order: bad and duplicate entries skipped, other languages left out."""
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for row in rows:
         if limit is not None and len(samples) >= limit:
             break
         if isinstance(row, tuple):
@@ -293,9 +317,4 @@ def open_dataset(
             row = checked
         seen.add(row.id)
         samples.append(row)
-    if not samples:
-        what = f"no usable samples in language '{wanted}'" if wanted else "no usable samples"
-        raise SlimWhisperError(
-            f"{path}: {what} ({report.describe()}); check the paths and languages in the {found} data"
-        )
-    return Dataset(samples=samples, report=report, layout=found, source=target.resolve())  # type: ignore[arg-type]
+    return samples

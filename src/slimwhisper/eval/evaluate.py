@@ -145,16 +145,41 @@ def evaluate(
     `device`/`dtype`, when given, move the models there first. `engine` is "fast" (the engine, as
     `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference).
     """
-    from tqdm.auto import tqdm
+    _check_settings(batch_size, num_beams, engine, long_audio)
+    language = normalize_language(language)
+    report = SkipReport()
+    samples, source = _sample_list(samples, report)
+    cands = _candidates(model, processor, baseline, tag, baseline_tag, device, dtype,
+                        engine=engine, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    settings = {"models": _model_settings(cands), "engine": engine, "num_beams": num_beams, "language": language,
+                "max_new_tokens": max_new_tokens, "long_audio": long_audio, "normalizer": NORMALIZER_VERSION,
+                "data": source}
+    store = UtteranceStore(Path(out_dir), settings)
+    plan = _plan(samples, cands, language, report)
+    done = {c.role: store.done(c.role) for c in cands}
+    pending = [p for p in plan if any(p.sample.id not in done[c.role] for c in cands)]
+    started = time.perf_counter()
+    _decode_batches(cands, pending, done, store, report, n_planned=len(plan), batch_size=batch_size,
+                    long_audio=long_audio, on_error=on_error, progress=progress)
+    return summarize(
+        store, [c.role for c in cands], {c.role: c.tag for c in cands}, [p.sample.id for p in plan], report=report,
+        settings=settings, out_dir=Path(out_dir), wall_seconds=time.perf_counter() - started,
+        n_bootstrap=n_bootstrap, seed=seed,
+    )
 
+
+def _check_settings(batch_size: int, num_beams: int, engine: str, long_audio: str) -> None:
+    """Refuse impossible settings before any model is touched."""
     if batch_size < 1 or num_beams < 1:
         raise SlimWhisperError("batch_size and num_beams must be at least 1")
     if engine not in ENGINES:
         raise SlimWhisperError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if long_audio not in LONG_AUDIO_CHOICES:
         raise SlimWhisperError(f"unknown long_audio '{long_audio}'; use one of {', '.join(LONG_AUDIO_CHOICES)}")
-    language = normalize_language(language)
-    report = SkipReport()
+
+
+def _sample_list(samples: Dataset | Sequence[Sample], report: SkipReport) -> tuple[list[Sample], str]:
+    """The samples as a list and a label of their source; a dataset's own skips go into `report`."""
     if isinstance(samples, Dataset):
         report.extend(samples.report)
         source = str(samples.source)
@@ -163,6 +188,13 @@ def evaluate(
     samples = list(samples)
     if len({s.id for s in samples}) != len(samples):
         raise SlimWhisperError("sample ids must be unique (the log is keyed by id); open the data with open_dataset")
+    return samples, source
+
+
+def _candidates(model: Any, processor: Any, baseline: tuple[Any, Any] | None, tag: str | None,
+                baseline_tag: str | None, device: str | None, dtype: Any, *, engine: str, batch_size: int,
+                num_beams: int, max_new_tokens: int | None) -> list[Candidate]:
+    """The model (and baseline) in eval mode on `device`/`dtype`, each with its text decoder."""
     cands = [Candidate(model, processor, tag or default_tag(model), "model")]
     if baseline is not None:
         cands.append(Candidate(baseline[0], baseline[1], baseline_tag or default_tag(baseline[0]), "baseline"))
@@ -172,18 +204,23 @@ def evaluate(
         c.model.eval()
         c.decode = text_decoder(c.model, c.processor, engine=engine, batch_size=batch_size, num_beams=num_beams,
                                 max_new_tokens=max_new_tokens)
-    settings = {
-        "models": {c.role: {"tag": c.tag, "fingerprint": model_fingerprint(c.model),
-                            "dtype": str(next(c.model.parameters()).dtype)} for c in cands},
-        "engine": engine, "num_beams": num_beams, "language": language, "max_new_tokens": max_new_tokens,
-        "long_audio": long_audio, "normalizer": NORMALIZER_VERSION, "data": source,
-    }
-    store = UtteranceStore(Path(out_dir), settings)
-    plan = _plan(samples, cands, language, report)
-    done = {c.role: store.done(c.role) for c in cands}
-    pending = [p for p in plan if any(p.sample.id not in done[c.role] for c in cands)]
-    started = time.perf_counter()
-    with tqdm(total=len(plan), initial=len(plan) - len(pending), unit="utt", disable=not progress,
+    return cands
+
+
+def _model_settings(cands: list[Candidate]) -> dict[str, dict[str, str]]:
+    """Each candidate's tag, weight fingerprint and dtype, so a resumed log is never one of other models."""
+    return {c.role: {"tag": c.tag, "fingerprint": model_fingerprint(c.model),
+                     "dtype": str(next(c.model.parameters()).dtype)} for c in cands}
+
+
+def _decode_batches(cands: list[Candidate], pending: list[_Planned], done: dict[str, set[str]],
+                    store: UtteranceStore, report: SkipReport, *, n_planned: int, batch_size: int, long_audio: str,
+                    on_error: str, progress: bool) -> None:
+    """Decode and score the pending samples batch by batch; each batch is logged at once, so a killed run resumes
+    after it."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_planned, initial=n_planned - len(pending), unit="utt", disable=not progress,
               desc=f"eval {cands[0].tag}") as bar:
         for batch in _batches(pending, batch_size):
             lang = batch[0].language
@@ -199,9 +236,3 @@ def evaluate(
                 share = (time.perf_counter() - t0) / len(todo)  # batch time split evenly, for the RTF
                 store.append([score(c, s, h, lang, len(a) / SAMPLE_RATE, share) for (s, a), h in zip(todo, hyps)])
             bar.update(len(batch))
-    ids = [p.sample.id for p in plan]
-    return summarize(
-        store, [c.role for c in cands], {c.role: c.tag for c in cands}, ids, report=report, settings=settings,
-        out_dir=Path(out_dir), wall_seconds=time.perf_counter() - started,
-        n_bootstrap=n_bootstrap, seed=seed,
-    )

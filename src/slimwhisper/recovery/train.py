@@ -28,6 +28,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..data import load_sample_audio
+from ..data.records import SkipReport
 from ..errors import SlimWhisperError
 from .config import FinetuneConfig
 from .data import (
@@ -311,25 +312,55 @@ def finetune(
     Returns:
         A `TrainResult`; the trained weights are in `model`.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     config = config if config is not None else FinetuneConfig()
+    accelerator = _make_accelerator(config, teacher, device)
+    main = accelerator.is_main_process
+    torch.manual_seed(config.seed)
+    work = _work_dir(work_dir, main)
+    items, report, source = _train_items(model, train_data, config, processor, teacher, cache_dir, accelerator,
+                                         progress)
+    run, start = _prepare_run(model, teacher, processor, items, config, scope_paths, cache_dir, accelerator, work,
+                              progress and main)
+    log = LossLog(work / "loss.csv", start, main) if work is not None else None
+    elapsed = _previous_seconds(work, start)
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    last, wall = _run_steps(run, start, end, elapsed, log, progress and main)
+    return TrainResult(steps_done=max(end, start), wall_seconds=wall, resumed_from=start,
+                       trainable_parameters=sum(p.numel() for p in run.params), n_train=len(items),
+                       skipped=report.to_dict() | {"source": source}, last=last,
+                       encoder_cached=run.sources.student is not None)
+
+
+def _make_accelerator(config: FinetuneConfig, teacher: nn.Module | None, device: str | None) -> Any:
+    """The run's Accelerator, after refusing a missing teacher or a batch that does not split evenly."""
+    from accelerate import Accelerator
+
     if config.needs_teacher and teacher is None:
         raise SlimWhisperError("distillation and label-free training need the original model as teacher")
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else config.mixed_precision)
-    main = accelerator.is_main_process
     world = accelerator.num_processes
     per_process = config.batch_size // world
     if per_process * world != config.batch_size or per_process % min(config.micro_batch_size, per_process):
         raise SlimWhisperError(f"batch_size {config.batch_size} does not split over {world} processes and "
                                f"micro-batches of {config.micro_batch_size}")
-    torch.manual_seed(config.seed)
+    return accelerator
+
+
+def _work_dir(work_dir: str | os.PathLike | None, main: bool) -> Path | None:
+    """`work_dir` as a Path, created by the main process only (the only one that writes files)."""
     work = Path(work_dir) if work_dir is not None else None
     if work is not None and main:
         work.mkdir(parents=True, exist_ok=True)
+    return work
 
+
+def _train_items(model: nn.Module, train_data: Any, config: FinetuneConfig, processor: Any,
+                 teacher: nn.Module | None, cache_dir: str | os.PathLike | None, accelerator: Any,
+                 progress: bool) -> tuple[list[TrainItem], SkipReport, str]:
+    """The tokenised training items (labels from the references, or the teacher's transcripts when label-free),
+    the skip report and the data's source."""
+    main = accelerator.is_main_process
     samples, report, source = open_train_data(train_data)
     if main and not config.label_free and config.ce_weight > 0 and looks_normalised([x.text for x in samples]):
         logger.warning("the training references have no case or punctuation: cross-entropy on them makes the model "
@@ -341,55 +372,94 @@ def finetune(
         texts = teacher_transcripts(teacher, processor, pairs, cache_dir, config.language,
                                     batch_size=config.micro_batch_size, progress=progress and main)
     items = build_items(pairs, model, processor.tokenizer, texts, config.language, config.max_label_tokens)
+    return items, report, source
 
+
+def _trainable_setup(model: nn.Module, teacher: nn.Module | None, config: FinetuneConfig,
+                     scope_paths: Sequence[str] | None, accelerator: Any) -> tuple[list[str], list[nn.Parameter], Any]:
+    """Freeze all but the trained scope (the teacher entirely); returns the trained names, parameters and optimizer."""
     paths = tuple(scope_paths) if scope_paths is not None else converted_paths(model.config)
     names = select_trainable(model, config.scope, paths)
     model.eval()  # dropout and layerdrop off (Whisper has none); gradients flow in eval mode
     if teacher is not None:
         unshare(model, teacher)
-    if teacher is not None:
         teacher.eval().requires_grad_(False).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                   weight_decay=config.weight_decay)
+    return names, params, optimizer
+
+
+@dataclass
+class _Run:
+    """What every optimizer step needs, gathered once so the step loop stays readable."""
+
+    model: Any  # as prepared by Accelerate
+    optimizer: Any
+    params: list[nn.Parameter]
+    items: list[TrainItem]
+    sources: _Sources
+    config: FinetuneConfig
+    accelerator: Any
+    pad_id: int
+    names: list[str]  # the trained parameters, as checkpoints store them
+    meta: dict  # the run's identity, stored with every checkpoint
+    work: Path | None
+
+
+def _prepare_run(model: nn.Module, teacher: nn.Module | None, processor: Any, items: list[TrainItem],
+                 config: FinetuneConfig, scope_paths: Sequence[str] | None, cache_dir: str | os.PathLike | None,
+                 accelerator: Any, work: Path | None, progress: bool) -> tuple[_Run, int]:
+    """Trainable scope, optimizer, restored checkpoint and cached encoder states/targets; returns them and the
+    step to start from (0 unless a checkpoint was found)."""
+    names, params, optimizer = _trainable_setup(model, teacher, config, scope_paths, accelerator)
     model.to(accelerator.device)
-    meta = {"config": config.to_dict(), "trainable": names,
-            "data_fingerprint": data_fingerprint(items)}
+    meta = {"config": config.to_dict(), "trainable": names, "data_fingerprint": data_fingerprint(items)}
     start = load_checkpoint(work, model, optimizer, meta) if work is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    sources = _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id,
-                               progress and main)
-    log = LossLog(work / "loss.csv", start, main) if work is not None else None
+    sources = _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id, progress)
+    return _Run(model, optimizer, params, items, sources, config, accelerator, pad_id, names, meta, work), start
 
-    elapsed = _previous_seconds(work, start)
+
+def _run_steps(run: _Run, start: int, end: int, elapsed: float, log: LossLog | None,
+               progress: bool) -> tuple[dict, float]:
+    """Train steps `start` to `end`, logging each and checkpointing every `checkpoint_every` and at `end`;
+    returns the last log row (empty when no step ran) and the run's wall seconds, earlier sessions included."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = run.config, run.accelerator
+    main = accelerator.is_main_process
     t0 = time.perf_counter()
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
     last: dict = {}
-    bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step", disable=not (progress and main))
+    bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step", disable=not progress)
     for step in range(start, end):
-        lr = config.lr * lr_factor(step, config.steps, config.warmup, config.schedule, config.min_lr_ratio,
-                                   config.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        totals = _train_step(model, optimizer, params, items, step, sources, config, accelerator, pad_id)
-        totals = accelerator.reduce(totals, reduction="mean")
-        last = {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
-                "time": round(elapsed + time.perf_counter() - t0, 2)}
+        last = _logged_step(run, step, elapsed, t0)
         if log is not None:
             log.append(last)
         bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
         done = step + 1
-        if work is not None and main and (done % config.checkpoint_every == 0 or done == end):
-            save_checkpoint(work, done, accelerator.unwrap_model(model), names, optimizer,
-                            {**meta, "seconds": elapsed + time.perf_counter() - t0})
+        if run.work is not None and main and (done % config.checkpoint_every == 0 or done == end):
+            save_checkpoint(run.work, done, accelerator.unwrap_model(run.model), run.names, run.optimizer,
+                            {**run.meta, "seconds": elapsed + time.perf_counter() - t0})
         accelerator.wait_for_everyone()
     bar.close()
-    return TrainResult(steps_done=max(end, start), wall_seconds=elapsed + time.perf_counter() - t0,
-                       resumed_from=start, trainable_parameters=sum(p.numel() for p in params), n_train=len(items),
-                       skipped=report.to_dict() | {"source": source}, last=last,
-                       encoder_cached=sources.student is not None)
+    return last, elapsed + time.perf_counter() - t0
+
+
+def _logged_step(run: _Run, step: int, elapsed: float, t0: float) -> dict:
+    """One optimizer step at the schedule's learning rate; returns its log row (losses averaged over processes)."""
+    config = run.config
+    lr = config.lr * lr_factor(step, config.steps, config.warmup, config.schedule, config.min_lr_ratio,
+                               config.decay_fraction)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    totals = _train_step(run.model, run.optimizer, run.params, run.items, step, run.sources, config,
+                         run.accelerator, run.pad_id)
+    totals = run.accelerator.reduce(totals, reduction="mean")
+    return {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
+            "time": round(elapsed + time.perf_counter() - t0, 2)}
 
 
 def data_fingerprint(items: Sequence[TrainItem]) -> str:
