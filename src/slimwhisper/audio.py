@@ -45,6 +45,8 @@ def load_audio(path: str | Path) -> np.ndarray:
     import soundfile as sf
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder; give the audio files in it (e.g. {path}/*.wav)")
     if not path.is_file():
         raise AudioError(f"{path}: no such file; check the path")
     try:

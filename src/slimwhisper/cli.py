@@ -10,7 +10,18 @@ import os
 import sys
 from pathlib import Path
 
-from .cliargs import add_batch_size, add_device, add_model, add_out, add_quiet, resolve_device, resolve_model
+from .cliargs import (
+    add_batch_size,
+    add_device,
+    add_model,
+    add_out,
+    add_quiet,
+    output_folder,
+    resolve_device,
+    resolve_model,
+    staged_folder,
+    write_text_atomic,
+)
 from .errors import SlimWhisperError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,14 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _modules(values: list[str]) -> tuple[str, ...]:
     return tuple(m for v in values for m in v.split(",") if m)
-
-
-def _output_dir(args: argparse.Namespace) -> Path:
-    """`--out`, refused when it already holds files (unless --overwrite), before any slow work starts."""
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    return out
 
 
 def _add_job_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -53,13 +56,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         factorization=args.factorization,
         damping=args.damping,
     )
-    out = _output_dir(args)
+    out = output_folder(args.out, overwrite=args.overwrite)
     model, processor = load(args.model, device=resolve_device(args.device))
     slim = convert(
         model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
     )
-    slim.save_pretrained(out)
-    save_processor(processor, out)
+    with staged_folder(out) as tmp:
+        slim.save_pretrained(tmp)
+        save_processor(processor, tmp)
     summary = describe(slim.config)
     keys = ("kv_bytes_per_token", "cross_kv_bytes", "kv_reduction")
     print(json.dumps({"out": str(out), **{k: summary[k] for k in keys}}))
@@ -84,24 +88,19 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
         raise SlimWhisperError("give only one of --preset, --theta, --rank")
     config = LowRankConfig(**kwargs)
-    out = _output_dir(args)
+    out = output_folder(args.out, overwrite=args.overwrite)
     model, processor = load(args.model, device=resolve_device(args.device))
     calibration = args.stats if args.stats else args.calibration
-    slim = convert(
-        model,
-        config,
-        calibration=calibration,
-        calibration_limit=args.calibration_limit,
-        progress=not args.quiet,
-        stats_out=out / STATS_FILE,
-    )
-    if args.format == "lite-whisper":
-        from .lowrank import save_lite_whisper
+    with staged_folder(out) as tmp:
+        slim = convert(model, config, calibration=calibration, calibration_limit=args.calibration_limit,
+                       progress=not args.quiet, stats_out=tmp / STATS_FILE)
+        if args.format == "lite-whisper":
+            from .lowrank import save_lite_whisper
 
-        save_lite_whisper(slim, out)
-    else:
-        slim.save_pretrained(out)
-    save_processor(processor, out)
+            save_lite_whisper(slim, tmp)
+        else:
+            slim.save_pretrained(tmp)
+        save_processor(processor, tmp)
     summary = describe(slim.config)
     enc = summary["encoder_params"]
     print(json.dumps({"out": str(out), "encoder_params": enc, "encoder_ratio": enc["compressed"] / enc["original"],
@@ -139,51 +138,70 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .audio import load_audio
 
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
+    out = _transcript_paths(args) if args.out else None
     model, processor = load(args.model, device=resolve_device(args.device))
-    if args.engine == "generate":
-        from .decoding import transcribe_arrays
-
-        texts = transcribe_arrays(model, processor, audios, language=args.language, batch_size=args.batch_size,
-                                  num_beams=args.beams, engine="generate")
-        results = None
-    else:
-        from .engine import Transcriber
-
-        engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize,
-                             vad=not args.no_vad)
-        results = engine.transcribe(audios, language=args.language, timestamps=args.timestamps, mode=args.mode,
-                                    condition_on_previous_text=args.condition_on_previous_text,
-                                    progress=not args.quiet and sum(len(a) for a in audios) > 60 * 16_000)
-        texts = [r.text for r in results]
-    if args.out or (args.format != "txt" and results is not None):
+    results = _transcribe(args, model, processor, audios)
+    texts = [r if isinstance(r, str) else r.text for r in results]
+    if out is not None or args.format != "txt":
         from .engine.formats import render
 
-        if results is None:
-            raise SlimWhisperError("--format/--output-dir need the engine; drop --engine generate")
-        out_dir = Path(args.out) if args.out else None
-        for f, r in zip(args.audio, results):
-            body = render(r, args.format)
-            if out_dir is None:
-                print(body, end="")
-                continue
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{Path(f).stem}.{args.format}").write_text(body, encoding="utf-8")
-        if out_dir is None or not args.json:
+        if isinstance(results[0], str):
+            raise SlimWhisperError("--format and --out need the engine; drop --engine generate")
+        for path, result in zip(out or [None] * len(results), results):
+            if path is None:
+                print(render(result, args.format), end="")
+            else:
+                write_text_atomic(path, render(result, args.format))
+        if out is None or not args.json:
             return 0
     if args.json:
         rows = [{"file": f, "text": t} for f, t in zip(args.audio, texts)]
-        for row, r in zip(rows, results or []):
+        for row, r in zip(rows, [r for r in results if not isinstance(r, str)]):
             row.update(language=r.language, duration=r.duration, segments=[vars(s) for s in r.segments])
         print(json.dumps(rows, ensure_ascii=False, indent=2))
-    elif not args.out:
+    elif out is None:
         for f, t in zip(args.audio, texts):
             print(f"{f}\t{t}")
     return 0
 
 
+def _transcript_paths(args: argparse.Namespace) -> list[Path]:
+    """One output file per input in the --out folder; two inputs may not claim the same file."""
+    folder = output_folder(args.out)
+    paths = [folder / f"{Path(f).stem}.{args.format}" for f in args.audio]
+    clash = [p.name for p in paths if paths.count(p) > 1]
+    if clash:
+        raise SlimWhisperError(f"two inputs would both write {clash[0]} in {folder}; rename one of them")
+    return paths
+
+
+def _transcribe(args: argparse.Namespace, model, processor, audios) -> list:
+    """Texts (`--engine generate`) or `Transcription`s (the engine) of the audios."""
+    from .tokens import TokenIds
+
+    if args.language and args.language.lower() != "en" and not TokenIds.from_generation_config(
+            model.generation_config).multilingual:
+        raise SlimWhisperError(f"{args.model} is English-only; drop --language {args.language} or use a "
+                               "multilingual model such as base")
+    if args.engine == "generate":
+        from .decoding import transcribe_arrays
+
+        return transcribe_arrays(model, processor, audios, language=args.language, batch_size=args.batch_size,
+                                 num_beams=args.beams, engine="generate")
+    from .engine import Transcriber
+
+    engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize,
+                         vad=not args.no_vad)
+    return engine.transcribe(audios, language=args.language, timestamps=args.timestamps, mode=args.mode,
+                             condition_on_previous_text=args.condition_on_previous_text,
+                             progress=not args.quiet and sum(len(a) for a in audios) > 60 * 16_000)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
+    if args.out:
+        output_folder(args.out, overwrite=False)  # refused before the slow part, not after it
     run_demo(DemoConfig(model=args.model, kv_reduction=args.kv_reduction, out=args.out))
     return 0
 
@@ -301,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generate()'s deprecation chatter is not for our users
+    hf_logging.disable_progress_bar()  # nor transformers' bar for loading a few hundred tensors
     try:
         resolve_model(args)
         return int(args.func(args) or 0)

@@ -7,6 +7,11 @@ Older spellings stay accepted as aliases (`--model`, `--batch`, `--no-progress`)
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from .errors import SlimWhisperError
 
@@ -63,3 +68,47 @@ def resolve_device(name: str | None) -> str:
         return "cuda"
     mps = getattr(torch.backends, "mps", None)
     return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def output_folder(path: str | os.PathLike[str], *, overwrite: bool | None = None, flag: str = "--out") -> Path:
+    """`path` made ready as an output folder before any slow work: not a file, creatable, writable.
+
+    overwrite=False refuses a folder that already holds files; None accepts it (a resumable job's folder).
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimWhisperError(f"{flag} {out} is a file; give a folder (it is created if missing)")
+    if overwrite is False and out.is_dir() and any(out.iterdir()):
+        raise SlimWhisperError(f"{out} exists and is not empty; choose another {flag} or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SlimWhisperError(f"cannot create {flag} folder {out} ({exc.strerror}); choose another place") from exc
+    if not os.access(out, os.W_OK):
+        raise SlimWhisperError(f"{flag} folder {out} is not writable; choose another place")
+    return out
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Write a result folder as a hidden sibling, then move it into place in one rename: a job killed while
+    writing leaves `out` as it was (empty or the previous result), never half-written."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)  # only reached with --overwrite: output_folder refused it otherwise
+    os.replace(tmp, out)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling and one rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -32,10 +32,12 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     slim = convert(model, MLAConfig(modules=("decoder_self",), kv_reduction=cfg.kv_reduction))
     convert_s = time.perf_counter() - start
     if cfg.out:
+        from .cliargs import staged_folder
         from .loading.processor import save_processor
 
-        slim.save_pretrained(cfg.out)
-        save_processor(processor, Path(cfg.out))
+        with staged_folder(Path(cfg.out)) as tmp:
+            slim.save_pretrained(tmp)
+            save_processor(processor, tmp)
     clips = demo_clips()
     audios = [load_audio(c["audio"]) for c in clips]
     refs = [c["text"] for c in clips]

@@ -26,15 +26,18 @@ def _encoder_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.get_encoder().parameters())
 
 
+def build_on_meta(config: WhisperConfig) -> torch.nn.Module:
+    """The model `config` describes, without weights (call under `torch.device("meta")`)."""
+    if isinstance(config, SlimWhisperConfig):
+        return SlimWhisperForConditionalGeneration(config)
+    return WhisperForConditionalGeneration(config)
+
+
 def describe(config: WhisperConfig) -> dict[str, Any]:
     """A JSON-able summary; cache bytes are fp16, batch 1 (self: per token, cross: per 30-s utterance)."""
     original = original_config(config)
     with torch.device("meta"):
-        compressed_model = (
-            SlimWhisperForConditionalGeneration(config)
-            if isinstance(config, SlimWhisperConfig)
-            else WhisperForConditionalGeneration(config)
-        )
+        compressed_model = build_on_meta(config)
         original_model = WhisperForConditionalGeneration(original)
         original_params = _parameters(original_model)
         encoder_params = {

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..cliargs import add_model
+from ..errors import SlimWhisperError
+from ..geometry import GEOMETRIES
 from ..memory import cache_bytes_held, kv_cache_bytes
 from .common import add_result_args, load_for_bench, run_metadata, write_result
 from .decode import prepare_decode
@@ -95,8 +97,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench kv`."""
     p = subparsers.add_parser("kv", help="KV-cache bytes vs batch and length, largest batch in a memory budget",
                               description=" ".join(__doc__.split("\n\n")[2].split()))
-    add_model(p)
+    add_model(p, required=False)
     p.add_argument("--baseline", help="model to compare against (e.g. the original)")
+    p.add_argument("--geometry", choices=tuple(GEOMETRIES),
+                   help="plan a released size without weights: the largest batch at 448 tokens that fits "
+                   "--budget-gib, weights and activations counted, original against the --kv-reduction geometry")
+    p.add_argument("--kv-reduction", type=float, default=0.875, help="with --geometry: the MLA reduction planned")
+    p.add_argument("--modules", default="decoder_self,decoder_cross",
+                   help="with --geometry: the converted modules (comma-separated)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32, 64])
     p.add_argument("--lengths", nargs="+", type=int, default=[64, 200, 448])
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="cache dtype (default float16)")
@@ -106,7 +114,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The geometry's memory plan: largest batch in the budget, original against compressed, fp16/int8 cache."""
+    from ..geometry import memory_plan, planned_mla, whisper_config
+    from ..mla import MLAConfig
+
+    original = whisper_config(args.geometry)
+    mla = MLAConfig(modules=tuple(m for m in args.modules.split(",") if m), kv_reduction=args.kv_reduction,
+                    factorization="joint")
+    budget, tokens = int(args.budget_gib * 2**30), max(args.lengths)
+    out: dict[str, Any] = {"geometry": args.geometry, "budget_bytes": budget, "tokens": tokens,
+                           "mla": mla.to_dict(), "plans": {}}
+    for name, config in (("original", original), ("compressed", planned_mla(original, mla))):
+        entry = {}
+        for cache, width in (("fp16", 2), ("int8", 1)):
+            p = memory_plan(config, tokens=tokens, cache_bytes=width)
+            entry[cache] = {"largest_batch": p.largest_batch(budget), "weight_bytes": p.weight_bytes,
+                            "cache_bytes_per_sequence": p.cache_bytes_per_sequence,
+                            "activation_bytes_per_sequence": p.activation_bytes_per_sequence}
+        out["plans"][name] = entry
+    return out
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    result = {**plan(args), **run_metadata()}
+    write_result(args.out, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name, entry in result["plans"].items():
+        print(f"{args.geometry} {name}: largest batch in {args.budget_gib:g} GiB at {result['tokens']} tokens: "
+              f"{entry['fp16']['largest_batch']} (fp16 cache), {entry['int8']['largest_batch']} (int8 cache)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.geometry:
+        return run_plan(args)
+    if not args.model:
+        raise SlimWhisperError("name a model (`slimwhisper bench kv tiny.en`) or a --geometry to plan")
     models = {"model": load_for_bench(args.model)}
     if args.baseline:
         models = {"baseline": load_for_bench(args.baseline), **models}

@@ -9,7 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cliargs import add_batch_size, add_device, add_model, add_out, add_quiet, resolve_device, resolve_model
+from ..cliargs import (
+    add_batch_size,
+    add_device,
+    add_model,
+    add_out,
+    add_quiet,
+    output_folder,
+    resolve_device,
+    resolve_model,
+)
 from ..data import open_dataset
 from ..data.records import normalize_language
 from ..decoding import ENGINES
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     language = normalize_language(args.language)
     if args.limit is not None and args.limit < 1:
         raise SlimWhisperError("--limit must be at least 1")
+    output_folder(args.out)  # a file, or a folder that cannot be made, is refused before any work
     data = open_dataset(args.data, split=args.split, keep_language=language, limit=args.limit,
                         on_error="raise" if args.strict else "skip")
     device = resolve_device(args.device)

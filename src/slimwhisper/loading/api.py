@@ -120,12 +120,38 @@ def _from_lite_whisper(directory: Path, dtype: torch.dtype | None) -> tuple[Mode
     return model.eval(), processor
 
 
+def check_weight_files(directory: Path, weights: list[Path]) -> None:
+    """Refuse incomplete checkpoints before loading: a truncated safetensors file (a copy or download cut
+    short) or a shard the index names but the folder lacks."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SlimWhisperError(f"{index} is not a valid shard index ({exc}); copy the model again") from exc
+        missing = sorted(s for s in shards if not (directory / s).is_file())
+        if missing:
+            raise SlimWhisperError(f"{directory} lacks the weight shard(s) {', '.join(missing)} that {index.name} "
+                                   "lists; copy the whole model folder again")
+    for path in weights:
+        if path.suffix != ".safetensors":
+            continue
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+            raise SlimWhisperError(f"{path} is incomplete or corrupt ({exc}); copy or download it again") from exc
+
+
 def _load_hf_dir(directory: Path, dtype: torch.dtype | None, root: Path) -> Loaded:
     weights = _weight_files(directory)
     if not weights:
         raise ModelNotFoundError(
             f"{directory} has a config.json but no *.safetensors or pytorch_model*.bin weights"
         )
+    check_weight_files(directory, weights)
     try:
         model, processor = (_from_lite_whisper if is_lite_whisper(directory) else _from_hf)(directory, dtype)
     except (OSError, ValueError, KeyError) as exc:

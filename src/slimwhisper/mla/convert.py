@@ -30,6 +30,13 @@ MODULE_PATHS = {
 }
 
 
+def target_names(config, modules: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(fully-qualified name, kind) of every module a conversion of `modules` touches, from the config alone."""
+    counts = {"model.decoder.layers": config.decoder_layers, "model.encoder.layers": config.encoder_layers}
+    return [(f"{MODULE_PATHS[kind][0]}.{i}.{MODULE_PATHS[kind][1]}", kind) for kind in modules
+            for i in range(counts[MODULE_PATHS[kind][0]])]
+
+
 def find_targets(model: nn.Module, modules: tuple[str, ...]) -> dict[str, tuple[WhisperAttention, str]]:
     """Fully-qualified name -> (attention module, kind) for every module kind requested."""
     targets: dict[str, tuple[WhisperAttention, str]] = {}

@@ -9,7 +9,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from ..cliargs import add_device, add_model, add_out, add_quiet
+from ..cliargs import add_device, add_model, add_out, add_quiet, output_folder
 from ..errors import SlimWhisperError
 from .config import MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
 
@@ -32,7 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--scope converted trains only the compressed modules (e.g. a low-rank encoder).",
     )
     add_model(p, help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
-    p.add_argument("--train", required=True, help="training data: manifest.jsonl, LibriSpeech, Common Voice, ...")
+    p.add_argument("--train", required=True, nargs="+", help="training data: manifest.jsonl, LibriSpeech, Common "
+                   "Voice, ... (several sources are mixed into one set)")
     add_out(p, "output folder: model/, control/, finetune.json, loss.png")
     p.add_argument("--control", action="store_true", help="also train the unconverted original identically")
     p.add_argument("--scope", default=d.scope, choices=SCOPES, help=f"trainable parameters (default {d.scope})")
@@ -75,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from .pipeline import RecoveryJob, recover
 
     config = config_from_args(args)
-    if not Path(args.train).expanduser().exists():
-        raise SlimWhisperError(f"training data {args.train} does not exist; give a manifest.jsonl or dataset folder")
-    job = RecoveryJob(model=args.model, train=args.train, out=args.out, config=config, control=args.control,
+    for source in args.train:
+        if not Path(source).expanduser().exists():
+            raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")
+    output_folder(args.out)  # a file, or a folder that cannot be made, is refused before any work
+    train = args.train[0] if len(args.train) == 1 else list(args.train)
+    job = RecoveryJob(model=args.model, train=train, out=args.out, config=config, control=args.control,
                       teacher=args.teacher, cache_dir=args.cache_dir, device=_device(args.device),
                       overwrite=args.overwrite, progress=not args.quiet)
     record = recover(job)

@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,20 @@ def looks_normalised(texts: Sequence[str], share: float = 0.9) -> bool:
     return flat >= share and bare >= share
 
 
-def open_train_data(data: str | os.PathLike | Dataset | Sequence[Sample]) -> tuple[list[Sample], SkipReport, str]:
-    """Samples, skip report and a source label from a path (anything `open_dataset` reads) or samples."""
+def open_train_data(data: str | os.PathLike | Dataset | Sequence[Sample] | Sequence[str | os.PathLike],
+                    ) -> tuple[list[Sample], SkipReport, str]:
+    """Samples, skip report and a source label from a path (anything `open_dataset` reads), several paths
+    (their samples mixed into one set; an id that repeats gets its source's number as a prefix) or samples."""
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
+        samples, report, labels, seen = [], SkipReport(), [], set()
+        for i, part in enumerate(data):
+            part_samples, part_report, label = open_train_data(part)
+            for s in part_samples:
+                samples.append(s if s.id not in seen else replace(s, id=f"{i}:{s.id}"))
+                seen.add(samples[-1].id)
+            report.extend(part_report)
+            labels.append(label)
+        return samples, report, " + ".join(labels)
     if isinstance(data, (str, os.PathLike)):
         path = Path(data).expanduser()
         if not path.exists():

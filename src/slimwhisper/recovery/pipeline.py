@@ -34,7 +34,7 @@ class RecoveryJob:
     """One `slimwhisper finetune` invocation."""
 
     model: str
-    train: str
+    train: str | list[str]  # one source, or several mixed into one set
     out: str
     config: FinetuneConfig = FinetuneConfig()
     control: bool = False
@@ -136,8 +136,9 @@ def recover(job: RecoveryJob) -> dict:
 
     config = job.config
     out, record = _prepare_out(job)
-    if not Path(job.train).expanduser().exists():
-        raise SlimWhisperError(f"training data {job.train} does not exist; give a manifest.jsonl or dataset folder")
+    for source in [job.train] if isinstance(job.train, str) else job.train:
+        if not Path(source).expanduser().exists():
+            raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")
     source = recorded_source(job.model)
     model, processor = load(job.model, device=job.device)
     paths = converted_paths(model.config)
