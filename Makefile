@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not real"
+	$(BIN)/python -m pytest -q -m "not real and not slow"
 
 # BENCHMARKS.md and README's results table, rebuilt from benchmarks/results/ (no measuring, no install)
 benchmarks:

@@ -130,6 +130,24 @@ def render_kv(name: str, r: dict) -> str:
         header, rows)
 
 
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 2**30:.2f}"
+
+
+def render_calibrate(name: str, r: dict) -> str:
+    """bench calibrate: peak RSS of compress-encoder calibration per layer count, and the full model's."""
+    rows = [[r_["layers"], r_["groups"], r_["largest_group_layers"], gib(r_["weight_bytes"]),
+             gib(r_["peak_rss_bytes"] - r_["rss_before_bytes"]), gib(r_["peak_rss_bytes"])] for r_ in r["rows"]]
+    full = r["full_model"]
+    rows.append([f"{full['encoder_layers']} (estimate)", "", full["largest_group_layers"], gib(full["weight_bytes"]),
+                 gib(full["group_stats_bytes"] + full["activation_and_other_bytes"]), gib(full["peak_rss_bytes"])])
+    head = (f"`{r['geometry']}` geometry, random weights, {r['seconds']:g} s of audio, statistics budget "
+            f"{gib(r['stats_budget_bytes'])} GiB; every linear of every layer holding its sums at once would need "
+            f"{gib(full['all_layers_stats_bytes'])} GiB (`{name}`).")
+    return head + "\n\n" + table(["encoder layers", "passes", "layers per pass", "weights GiB (fp32)",
+                                    "added by calibration GiB", "peak RSS GiB"], rows)
+
+
 def render_table(name: str, r: dict) -> str:
     """A benchmark script's own table: `header` and `rows` in its JSON."""
     return f"(`{name}`)\n\n" + table(r["header"], r["rows"])
@@ -148,6 +166,9 @@ SECTIONS: list[tuple[str, str, str, Callable[[str, dict], str]]] = [
     ("encoder", "Encoder", "Median wall time of one encoder pass over 30-s windows.", render_encoder),
     ("kv", "KV-cache memory", "Analytic cache bytes (checked against a held cache) and what fits a budget.",
      render_kv),
+    ("calibrate", "Calibration memory",
+     "Peak resident memory of compress-encoder's calibration (a fresh process per layer count), and the full "
+     "model's extrapolated from its weights, its largest layer group and the measured rest.", render_calibrate),
     ("table", "Other measurements", "Tables written by the scripts in benchmarks/.", render_table),
 ]
 

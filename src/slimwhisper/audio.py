@@ -32,7 +32,8 @@ def to_mono_16k(audio: np.ndarray, sample_rate: int, name: str = "audio") -> np.
     if audio.size == 0:
         raise AudioError(f"{name}: the audio is empty (0 samples); give a recording with speech in it")
     if not np.isfinite(audio).all():
-        raise AudioError(f"{name}: the audio contains NaN or infinite samples; re-encode the file")
+        raise AudioError(f"{name}: the audio contains NaN or infinite samples; re-export it from the original "
+                         "recording")
     return audio
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .cliargs import (
     add_batch_size,
@@ -16,7 +18,9 @@ from .cliargs import (
     add_model,
     add_out,
     add_quiet,
+    check_out_path,
     output_folder,
+    positive_int,
     resolve_device,
     resolve_model,
     staged_folder,
@@ -41,6 +45,13 @@ def _add_job_args(p: argparse.ArgumentParser, out_help: str) -> None:
     add_quiet(p)
 
 
+def _check_calibration(args: argparse.Namespace) -> None:
+    """A --calibration path that does not exist is refused before the model is loaded."""
+    if args.calibration and not Path(args.calibration).expanduser().exists():
+        raise SlimWhisperError(f"--calibration {args.calibration} does not exist; give an audio file, a folder of "
+                               "audio or a manifest (or leave it out for the bundled clips)")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import MLAConfig, convert, load
     from .info import describe
@@ -56,7 +67,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         factorization=args.factorization,
         damping=args.damping,
     )
-    out = output_folder(args.out, overwrite=args.overwrite)
+    out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
+    _check_calibration(args)
     model, processor = load(args.model, device=resolve_device(args.device))
     slim = convert(
         model, config, calibration=args.calibration, calibration_limit=args.calibration_limit, progress=not args.quiet
@@ -74,7 +86,7 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     from . import convert, load
     from .info import describe
     from .loading.processor import save_processor
-    from .lowrank import STATS_FILE, LowRankConfig, parse_theta
+    from .lowrank import STATS_FILE, LowRankConfig, parse_theta, work_folder_for
 
     kwargs = {"energy": args.energy, "granule": args.granule}
     if args.targets:
@@ -88,12 +100,15 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
         raise SlimWhisperError("give only one of --preset, --theta, --rank")
     config = LowRankConfig(**kwargs)
-    out = output_folder(args.out, overwrite=args.overwrite)
+    out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
+    _check_calibration(args)
     model, processor = load(args.model, device=resolve_device(args.device))
     calibration = args.stats if args.stats else args.calibration
+    work = work_folder_for(out)  # finished layers of a killed run: the same command resumes from them
     with staged_folder(out) as tmp:
         slim = convert(model, config, calibration=calibration, calibration_limit=args.calibration_limit,
-                       progress=not args.quiet, stats_out=tmp / STATS_FILE)
+                       progress=not args.quiet, stats_out=tmp / STATS_FILE, work_dir=work,
+                       stats_budget_bytes=int(args.stats_budget_gib * 2**30))
         if args.format == "lite-whisper":
             from .lowrank import save_lite_whisper
 
@@ -101,6 +116,7 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
         else:
             slim.save_pretrained(tmp)
         save_processor(processor, tmp)
+        shutil.rmtree(work, ignore_errors=True)  # everything is in tmp now
     summary = describe(slim.config)
     enc = summary["encoder_params"]
     print(json.dumps({"out": str(out), "encoder_params": enc, "encoder_ratio": enc["compressed"] / enc["original"],
@@ -110,13 +126,11 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
-    from .loading.api import is_lite_whisper
+    from .loading.api import is_lite_whisper, load_config
 
     path = Path(args.model)
     if (path / "config.json").is_file() and not (path / "model.bin").is_file() and not is_lite_whisper(path):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)  # the config alone: no need to read the weights
     else:
         from . import load
 
@@ -137,6 +151,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from . import load
     from .audio import load_audio
 
+    if args.engine == "generate" and (args.out or args.format != "txt"):
+        raise SlimWhisperError("--format and --out need the engine; drop --engine generate")
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
     out = _transcript_paths(args) if args.out else None
     model, processor = load(args.model, device=resolve_device(args.device))
@@ -145,8 +161,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if out is not None or args.format != "txt":
         from .engine.formats import render
 
-        if isinstance(results[0], str):
-            raise SlimWhisperError("--format and --out need the engine; drop --engine generate")
+        if out:
+            out[0].parent.mkdir(parents=True, exist_ok=True)
         for path, result in zip(out or [None] * len(results), results):
             if path is None:
                 print(render(result, args.format), end="")
@@ -167,7 +183,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def _transcript_paths(args: argparse.Namespace) -> list[Path]:
     """One output file per input in the --out folder; two inputs may not claim the same file."""
-    folder = output_folder(args.out)
+    folder = output_folder(args.out, create=False)  # made once there is something to write
     paths = [folder / f"{Path(f).stem}.{args.format}" for f in args.audio]
     clash = [p.name for p in paths if paths.count(p) > 1]
     if clash:
@@ -201,14 +217,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     if args.out:
-        output_folder(args.out, overwrite=False)  # refused before the slow part, not after it
+        output_folder(args.out, overwrite=False, create=False)  # refused before the slow part, not after it
     run_demo(DemoConfig(model=args.model, kv_reduction=args.kv_reduction, out=args.out))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: its usage block would bury the line that says what is wrong.
+
+    add_subparsers makes every subcommand's parser of this same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `slimwhisper` parser: one subcommand each, the eval, finetune and bench ones registered by their modules."""
-    parser = argparse.ArgumentParser(prog="slimwhisper", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="slimwhisper", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert_parser(sub)
     _add_compress_encoder_parser(sub)
@@ -263,6 +288,8 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
                    "self_attn.k_proj self_attn.v_proj self_attn.out_proj fc1 fc2)")
     p.add_argument("--stats", help="reuse saved statistics (encoder_stats.safetensors or a directory holding it)")
     p.add_argument("--format", default="hf", choices=["hf", "lite-whisper"], help="output layout (default hf)")
+    p.add_argument("--stats-budget-gib", type=float, default=2.0, help="calibration statistics held at once "
+                   "(default 2; layers are measured in groups that fit it)")
     _add_job_args(p, "output directory (model, processor, encoder_stats.safetensors)")
     p.set_defaults(func=cmd_compress_encoder)
 
@@ -284,7 +311,7 @@ def _add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
                    help="print a JSON list of {file, text, language, duration, segments}")
     p.add_argument("--language", help="language code for multilingual models (default: detect)")
     add_batch_size(p, 8, "30-s windows decoded together")
-    p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
+    p.add_argument("--beams", type=positive_int, default=1, help="beam size (default 1: greedy)")
     add_device(p)
     p.add_argument("--engine", choices=["fast", "generate"], default="fast",
                    help="fast: static-cache engine (default); generate: transformers' generate()")
@@ -296,7 +323,8 @@ def _add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
                    help="batched: speech cut at silences into windows decoded together (fast, default); "
                    "sequential: each window starts where the previous one's last segment ended")
     p.add_argument("--no-vad", action="store_true",
-                   help="no voice activity detection: fixed 30-s windows, silence decoded too")
+                   help="fixed 30-s windows instead of windows cut at the detector's silences (windows with "
+                        "nothing audible are still skipped)")
     p.add_argument("--condition-on-previous-text", action="store_true",
                    help="sequential mode: prompt each window with the text before it")
     add_quiet(p)
@@ -314,6 +342,12 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _fail(message: str) -> int:
+    """A user mistake: one line on stderr (messages quoting a library's multi-line text are folded), exit code 2."""
+    print(f"slimwhisper: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -322,10 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # nor transformers' bar for loading a few hundred tensors
     try:
         resolve_model(args)
+        if getattr(args, "out", None):
+            check_out_path(args.out)  # every --out is a folder: refuse an impossible one before any work
         return int(args.func(args) or 0)
     except SlimWhisperError as exc:
-        print(f"slimwhisper: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user named: a bug, shown in full
+        return _fail(f"{exc.filename}: {exc.strerror or exc}; check the path, its permissions and the free disk space")
     except KeyboardInterrupt:
         print("slimwhisper: interrupted", file=sys.stderr)
         return 130

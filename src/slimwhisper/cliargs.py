@@ -33,11 +33,34 @@ def resolve_model(args: argparse.Namespace) -> None:
             raise SlimWhisperError(f"two models given ({args.model} and --model {option}); give one")
         args.model = option
     if args.model is None and getattr(args, "model_required", False):
-        raise SlimWhisperError("name a model first, e.g. `slimwhisper COMMAND tiny.en ...`")
+        raise SlimWhisperError(_no_model_hint(args))
+
+
+def _no_model_hint(args: argparse.Namespace) -> str:
+    """What to type when no model was named; for transcribe, argparse took a lone model for the audio."""
+    audio = getattr(args, "audio", None)
+    if audio and len(audio) == 1 and not Path(audio[0]).is_file():
+        return f"no audio files given after the model {audio[0]}; name them, e.g. `slimwhisper transcribe " \
+               f"{audio[0]} talk.wav`"
+    if audio:
+        return "name a model before the audio files, e.g. `slimwhisper transcribe tiny.en talk.wav`"
+    command = " ".join(c for c in (getattr(args, "command", None), getattr(args, "bench_command", None)) if c)
+    return f"name a model first, e.g. `slimwhisper {command or 'COMMAND'} tiny.en ...`"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1: refused while parsing, before any model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "rows decoded (or timed) together") -> None:
-    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=default,
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=default,
                    help=f"{help} (default {default})")
 
 
@@ -70,16 +93,35 @@ def resolve_device(name: str | None) -> str:
     return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
-def output_folder(path: str | os.PathLike[str], *, overwrite: bool | None = None, flag: str = "--out") -> Path:
-    """`path` made ready as an output folder before any slow work: not a file, creatable, writable.
-
-    overwrite=False refuses a folder that already holds files; None accepts it (a resumable job's folder).
-    """
+def check_out_path(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Refuse an output path that can never be a folder, before any work and without creating anything: a file,
+    a path under a file, or a path under a folder this user cannot write."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise SlimWhisperError(f"{flag} {out} is a file; give a folder (it is created if missing)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SlimWhisperError(f"cannot create {flag} folder {out}: {existing} is a file; choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = f"{flag} folder {out} is" if existing == out else f"cannot create {flag} folder {out}: {existing} is"
+        raise SlimWhisperError(f"{where} not writable; choose another place")
+    return out
+
+
+def output_folder(path: str | os.PathLike[str], *, overwrite: bool | None = None, flag: str = "--out",
+                  create: bool = True) -> Path:
+    """`path` made ready as an output folder before any slow work: not a file, creatable, writable.
+
+    overwrite=False refuses a folder that already holds files; None accepts it (a resumable job's folder).
+    create=False only checks: for results `staged_folder` moves into place, so a run that fails leaves nothing.
+    """
+    out = check_out_path(path, flag)
     if overwrite is False and out.is_dir() and any(out.iterdir()):
         raise SlimWhisperError(f"{out} exists and is not empty; choose another {flag} or pass --overwrite")
+    if not create:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -110,5 +152,9 @@ def staged_folder(out: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and one rename: never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no stray temporary file
+        raise

@@ -3,11 +3,15 @@
 `whisper_config("large-v3")` is the exact architecture of a released size (layers can be cut for fast
 tests); `planned_mla(config, mla)` is the config an MLA conversion of it would write (shapes only: the
 geometry needs no calibration); `memory_plan` counts weights, caches and activations of a batch, so
-`slimwhisper bench kv --geometry large-v3 --budget-gib 24` can say what fits before anyone has the weights.
+`slimwhisper bench kv --geometry large-v3 --budget-gib 24` can say what fits before anyone has the weights;
+`random_model("large-v3", folder, layers=2)` saves a random-weight model of that geometry (release tokenizer
+ids, mel bins) that every command accepts, for tests and benchmarks of the big sizes.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import WhisperConfig
@@ -92,3 +96,93 @@ def memory_plan(config: WhisperConfig, tokens: int = 448, weight_bytes: int = 2,
         config, "encoder_attn")
     activations = frames * (6 * d + config.encoder_ffn_dim) * activation_bytes + 4 * config.vocab_size
     return MemoryPlan(parameter_count(config) * weight_bytes, cache * cache_bytes, activations)
+
+
+# Large-v3 added one language (Cantonese) after the 99 of the earlier multilingual models: every control
+# token from <|translate|> on moves up by one, so its vocabulary has 51866 entries.
+_EXTRA_LANGUAGE = "<|yue|>"
+_FIRST_SHIFTED = 50358  # <|translate|> in the 51865-token vocabulary
+
+
+def _shifted_tokenizer_json(source: Path, target: Path) -> None:
+    """Base's tokenizer.json with <|yue|> inserted before <|translate|>: the large-v3 id layout."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    added = data["added_tokens"]
+    template = next(t for t in added if t["id"] == _FIRST_SHIFTED)
+    for token in added:
+        if token["id"] >= _FIRST_SHIFTED:
+            token["id"] += 1
+    added.append({**template, "id": _FIRST_SHIFTED, "content": _EXTRA_LANGUAGE})
+    added.sort(key=lambda t: t["id"])
+    target.write_text(json.dumps(data), encoding="utf-8")
+
+
+def geometry_processor(vocab_size: int, num_mel_bins: int) -> tuple[Any, dict[str, Any]]:
+    """(WhisperProcessor, CTranslate2-style side config) for a vocabulary size, from the installed tokenizers.
+
+    No released tokenizer ships offline for small and up, but their vocabularies are base's (51865) or
+    base's plus one language (51866), so the exact id layout is rebuilt from what is installed.
+    """
+    import tempfile
+
+    from transformers import WhisperProcessor
+
+    from .loading.convert import _read_ct2_config
+    from .loading.processor import build_feature_extractor, build_tokenizer, english_normalizer_file
+    from .loading.registry import resolve_short_name
+
+    if vocab_size not in (51864, 51865, 51866):
+        raise SlimWhisperError(f"no Whisper tokenizer has {vocab_size} tokens; use one of {', '.join(GEOMETRIES)}")
+    directory = resolve_short_name("tiny.en" if vocab_size == 51864 else "base").directory
+    side = _read_ct2_config(directory)
+    shift = vocab_size == 51866
+    ct2_config = {"suppress_ids": [i + (shift and i >= _FIRST_SHIFTED) for i in side.get("suppress_ids", [])],
+                  "suppress_ids_begin": list(side.get("suppress_ids_begin", []))}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_json = directory / "tokenizer.json"
+        if shift:
+            _shifted_tokenizer_json(tokenizer_json, Path(tmp) / "tokenizer.json")
+            tokenizer_json = Path(tmp) / "tokenizer.json"
+        tokenizer = build_tokenizer(tokenizer_json, vocab_size, english_normalizer_file())
+    return WhisperProcessor(feature_extractor=build_feature_extractor(num_mel_bins), tokenizer=tokenizer), ct2_config
+
+
+def random_whisper(name: str, layers: int = 2, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
+    """(model, processor) of a released size with random weights and `layers` encoder and decoder layers.
+
+    Widths, heads, mel bins, vocabulary and control-token ids are the release's, so every command can be
+    exercised on the big geometries before anyone has their weights. `overrides` change config fields
+    (e.g. d_model=64 for a model cheap enough for fault-injection tests that run it many times).
+    """
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from .loading.processor import MULTILINGUAL_MIN_VOCAB, build_generation_config, config_token_kwargs
+    from .tokens import TokenIds
+
+    if layers < 1:
+        raise SlimWhisperError(f"layers must be at least 1, got {layers}")
+    config = whisper_config(name, encoder_layers=layers, decoder_layers=layers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    processor, side = geometry_processor(config.vocab_size, config.num_mel_bins)
+    for key, value in config_token_kwargs(TokenIds.from_tokenizer(processor.tokenizer), side).items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = build_generation_config(
+        processor.tokenizer, side, is_multilingual=config.vocab_size >= MULTILINGUAL_MIN_VOCAB,
+        max_length=config.max_target_positions, decoder_layers=layers, decoder_heads=config.decoder_attention_heads)
+    return model, processor
+
+
+def random_model(name: str, out: str | Path, layers: int = 2, seed: int = 0, **overrides: Any) -> Path:
+    """`random_whisper` saved as a model folder that `load` and every command accept (weights, processor)."""
+    from .loading.processor import save_processor
+
+    model, processor = random_whisper(name, layers, seed, **overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_processor(processor, out)
+    return out

@@ -82,7 +82,8 @@ class TokenIds:
         token = language if language.startswith("<|") else f"<|{language.lower()}|>"
         if token not in self.lang_to_id:
             raise SlimWhisperError(f"language {language!r} is not one this model knows "
-                                   f"({len(self.lang_to_id)} languages)")
+                                   f"({len(self.lang_to_id)} languages); give a code such as en, de or fr, or "
+                                   "leave --language out to detect it")
         return self.lang_to_id[token]
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, byte_whisper_pair
+import slimwhisper as sw
+from conftest import REALSPEECH, byte_whisper_pair, needs_realspeech, realspeech_audio
 from slimwhisper.audio import SAMPLE_RATE
+from slimwhisper.engine.decode import greedy_decode
 from slimwhisper.engine.transcriber import WINDOW_FRAMES, Thresholds, Transcriber
 
 SIZE = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -61,9 +63,11 @@ def test_sequential_equals_transformers_long_form(seed, condition):
     assert len(expected) > 3 and engine.stats["windows"] >= 3  # several windows, several segments each
 
 
-def test_silence_gives_no_text_in_either_mode():
+@pytest.mark.parametrize("vad", [True, False])
+def test_silence_gives_no_text_in_either_mode(vad):
+    """Digital silence never reaches the model: the detector hears nothing, and without it the energy check."""
     model, processor = long_form_model(0)
-    engine = Transcriber(model, processor)
+    engine = Transcriber(model, processor, vad=vad)
     silence = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
     for mode in ("batched", "sequential"):
         result = engine.transcribe(silence, mode=mode)
@@ -74,16 +78,17 @@ def test_silence_gives_no_text_in_either_mode():
 def test_batched_windows_follow_the_speech_or_fixed_cuts():
     model, processor = long_form_model(0)
     engine = Transcriber(model, processor)
-    audio = np.zeros(65 * SAMPLE_RATE, dtype=np.float32)
-    fixed = engine.windows(audio, 3, vad=False)
+    noise = np.random.default_rng(0).normal(0, 0.01, 65 * SAMPLE_RATE).astype(np.float32)  # -40 dBFS hiss
+    fixed = engine.windows(noise, 3, vad=False)
     assert [w.offset for w in fixed] == [0.0, 30.0, 60.0] and len(fixed[-1].audio) == 5 * SAMPLE_RATE
     assert {w.source for w in fixed} == {3}
-    assert engine.windows(audio, 0, vad=True) == []
+    assert engine.windows(noise, 0, vad=True) == []  # the detector hears no speech in hiss
+    gap = noise.copy()
+    gap[29 * SAMPLE_RATE : 61 * SAMPLE_RATE] = 0  # without the detector, only the silent window is dropped
+    assert [w.offset for w in engine.windows(gap, 0, vad=False)] == [0.0, 60.0]
 
 
 # ------------------------------------------------------------------ real weights, minutes of real speech
-REALSPEECH = SHARED_DATA / "realspeech" / "manifest.jsonl"
-needs_realspeech = pytest.mark.skipif(not REALSPEECH.is_file(), reason=f"{REALSPEECH} not found")
 
 
 def joined_realspeech(language: str, step: int) -> tuple[np.ndarray, str]:
@@ -194,3 +199,54 @@ def test_sequential_skips_silence_and_resumes_where_speech_was_left_unheard():
     assert _unheard_rest(600, (0, 3000), speech)
     assert not _unheard_rest(880, (0, 3000), speech)  # 0.2 s of speech after it: a word's tail, not a sentence
     assert not _unheard_rest(0, (0, 3000), speech)  # nothing closed: nothing to resume from
+
+
+@pytest.mark.real
+@needs_realspeech
+def test_multilingual_greedy_parity_on_base():
+    """Language given (prompt SOT de transcribe notimestamps) and detected per row, as `generate` does."""
+    from slimwhisper.decoding import generation_kwargs
+
+    ids = ("de_fleurs_de_de_test_004", "fr_fleurs_fr_fr_test_002")
+    audios = realspeech_audio(lambda rows: [next(r for r in rows if r["id"] == i) for i in ids])
+    model, processor = sw.load("base")
+    engine = Transcriber(model, processor, batch_size=2)
+    eot = model.generation_config.eos_token_id
+
+    def ref_tokens(feats, language):
+        out = model.generate(feats, **generation_kwargs(model, language, 1))
+        return [[t for t in row.tolist() if t != eot] for row in out]
+
+    feats = engine.features(audios)
+    enc = engine.runner.encode(feats)
+    langs = engine.detect_language(enc)
+    assert processor.tokenizer.convert_ids_to_tokens(langs) == ["<|de|>", "<|fr|>"]
+    prompt = torch.tensor([engine.sot_sequence(lg, "transcribe", False) for lg in langs])
+    ours = [d.tokens for d in greedy_decode(engine.runner, enc, prompt, engine.ids)]
+    assert ours == ref_tokens(feats, None)
+    prompt = torch.tensor([engine.sot_sequence(engine.language_id("de"), "transcribe", False)])
+    assert [d.tokens for d in greedy_decode(engine.runner, enc[:1], prompt, engine.ids)] == ref_tokens(feats[:1], "de")
+    results = engine.transcribe(audios, temperature=0.0)
+    assert [r.language for r in results] == ["de", "fr"]
+    assert [r.text for r in results] == [processor.decode(t, skip_special_tokens=True).strip() for t in ours]
+
+
+@pytest.mark.real
+@needs_realspeech
+def test_trailing_silence_and_room_tone_add_no_segments():
+    """A spoken clip followed by 50 s of -50 dBFS hiss: no mode, with or without the detector, writes text
+    after the speech (Whisper alone writes "you" on the last, short stretch of hiss)."""
+    import slimwhisper as sw
+    from slimwhisper.audio import load_audio
+
+    clip = load_audio(sorted((REALSPEECH.parent / "en").glob("*.flac"))[3])
+    hiss = np.random.default_rng(0).normal(0, 10 ** (-50 / 20), 50 * SAMPLE_RATE)  # a short last window
+    audio = np.concatenate([clip, hiss]).astype(np.float32)
+    model, processor = sw.load("tiny.en")
+    spoken = Transcriber(model, processor).transcribe(clip).text
+    for vad in (True, False):
+        engine = Transcriber(model, processor, vad=vad)
+        for mode in ("batched", "sequential"):
+            result = engine.transcribe(audio, mode=mode)
+            assert [s for s in result.segments if s.start >= len(clip) / SAMPLE_RATE] == []
+            assert word_error_rate(spoken, result.text, "en") <= 5.0, (vad, mode)

@@ -10,6 +10,7 @@ from slimwhisper.audio import SAMPLE_RATE
 from slimwhisper.engine.vad import (
     FRAME,
     VADOptions,
+    audible_regions,
     pack_windows,
     speech_probabilities,
     speech_regions,
@@ -101,3 +102,17 @@ def test_speech_between_silences_is_found_with_its_edges():
     start, end = windows[0]
     assert 9.0 * SAMPLE_RATE < start < 10.2 * SAMPLE_RATE
     assert 9.6 * SAMPLE_RATE < end - 10 * SAMPLE_RATE < 10.2 * SAMPLE_RATE  # the clip lasts 9.66 s
+
+
+def test_audible_regions_find_sound_above_the_floor_only():
+    """A -40 dBFS tone between silences is found frame-exactly; hiss at -80 dBFS and digital silence are not."""
+    audio = np.zeros(3 * SAMPLE_RATE, dtype=np.float32)
+    t = np.arange(10 * FRAME) / SAMPLE_RATE
+    audio[20 * FRAME : 30 * FRAME] = 0.0141 * np.sin(2 * np.pi * 440 * t)  # RMS 0.01 = -40 dBFS
+    assert audible_regions(audio) == [(20 * FRAME, 30 * FRAME)]
+    hiss = np.random.default_rng(0).normal(0, 1e-4, len(audio)).astype(np.float32)
+    assert audible_regions(hiss) == [] and audible_regions(np.zeros(100, np.float32)) == []
+    assert audible_regions(hiss + audio) == [(20 * FRAME, 30 * FRAME)]
+    tail = np.concatenate([np.zeros(FRAME), np.full(100, 0.5)]).astype(np.float32)  # a partial last frame
+    assert audible_regions(tail) == [(FRAME, FRAME + 100)]
+    assert audible_regions(hiss, floor_dbfs=-90) == [(0, len(hiss))]

@@ -1,4 +1,4 @@
-"""`slimwhisper bench {decode,kv,encoder,e2e} ...`: each subcommand lives in its own module of this package.
+"""`slimwhisper bench {decode,kv,encoder,e2e,calibrate} ...`: each subcommand lives in its own module of this package.
 
 Every module exposes `add_parser(subparsers)` (returning the parser) and `run(args) -> int`.
 """
@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUBCOMMANDS = ("decode", "kv", "encoder", "e2e")
+SUBCOMMANDS = ("decode", "kv", "encoder", "e2e", "calibrate")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` and its subcommands (modules that do not exist yet are skipped)."""
-    p = subparsers.add_parser("bench", help="benchmarks: decode speed, KV memory, encoder speed, end to end")
+    p = subparsers.add_parser("bench", help="benchmarks: decode speed, KV memory, encoder speed, end to end, "
+                              "calibration memory")
     sub = p.add_subparsers(dest="bench_command", required=True)
     for name in SUBCOMMANDS:
         try:

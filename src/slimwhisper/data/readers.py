@@ -258,6 +258,9 @@ def open_dataset(
     default_lang, wanted = normalize_language(language), normalize_language(keep_language)
     samples = _collect(reader(target), _skipper(report, on_error), default_lang=default_lang, wanted=wanted,
                        check_files=check_files, limit=limit)
+    if not samples and target.is_file() and target.stat().st_size == 0:
+        raise SlimWhisperError(f"{target} is empty (0 bytes); fill it with one entry per line, e.g. "
+                               '{"audio": "a.wav", "text": "..."} in a manifest.jsonl')
     if not samples:
         what = f"no usable samples in language '{wanted}'" if wanted else "no usable samples"
         raise SlimWhisperError(
@@ -285,7 +288,7 @@ def _skipper(report: SkipReport, on_error: OnError) -> Callable[[str, str, str],
 
     def skip(rid: str, reason: str, detail: str) -> None:
         if on_error == "raise":
-            raise AudioError(f"{rid}: {reason}: {detail}; fix or remove this entry, or run with skipping enabled")
+            raise AudioError(f"{rid}: {reason}: {detail}; fix or remove this entry, or drop --strict to skip it")
         report.add(rid, reason, detail)
 
     return skip

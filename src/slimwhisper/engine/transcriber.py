@@ -41,7 +41,7 @@ from .segments import (
     parse_segments,
     window_segments,
 )
-from .vad import find_speech, overlap
+from .vad import audible_regions, find_speech, overlap
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 LANGUAGE_SWITCH = 0.5  # a window leaves its recording's language only when this sure of another
@@ -63,6 +63,7 @@ class _Window:
     language: int | None = None
     speech: list[tuple[int, int]] = field(default_factory=list)  # speech regions, samples from `offset`
     timestamps: bool = False  # decode with timestamp tokens
+    voiced: bool = True  # the detector heard speech in it (always, when the detector cut the windows)
     extras: dict = field(default_factory=dict)
 
 
@@ -82,10 +83,16 @@ class Thresholds:
     no_speech: float | None = 0.6
     retry_improbable: bool = False
 
-    def silent(self, res: Decoded) -> bool:
-        """The no-speech gate: P(<|nospeech|>) high and (with a log-prob rule) the text improbable."""
-        return (self.no_speech is not None and res.no_speech_prob > self.no_speech
-                and (self.logprob is None or res.avg_logprob < self.logprob))
+    def silent(self, res: Decoded, voiced: bool = True) -> bool:
+        """The no-speech gate: P(<|nospeech|>) high and either the text improbable (openai-whisper's rule) or
+        the voice detector hearing no speech in the window.
+
+        The model alone writes a confident "you" on short stretches of room tone; the detector alone misses
+        speech now and then. Both together drop a window only when model and detector agree.
+        """
+        if self.no_speech is None or res.no_speech_prob <= self.no_speech:
+            return False
+        return not voiced or self.logprob is None or res.avg_logprob < self.logprob
 
     def best(self, attempts: list[Decoded], decode_text) -> Decoded:
         """The attempt to keep when every temperature failed: the most probable one that does not loop
@@ -316,8 +323,10 @@ class Transcriber:
         A recording of at most 30 s with any speech in it is one window, whole, as short-form Whisper
         decodes it (so the engine's text is `generate`'s).
         """
-        if not vad:
-            return [_Window(source, a / SAMPLE_RATE, audio[a:b]) for a, b in window_spans(len(audio))]
+        if not vad:  # fixed 30-s cuts; the energy check drops windows with nothing audible
+            audible, voiced = audible_regions(audio), find_speech(audio)[0]
+            return [_Window(source, a / SAMPLE_RATE, audio[a:b], voiced=overlap(voiced, a, b) > 0)
+                    for a, b in window_spans(len(audio)) if overlap(audible, a, b)]
         regions, spans = find_speech(audio)
         if len(audio) <= CHUNK_SAMPLES and spans:
             spans = [(0, len(audio))]
@@ -376,7 +385,7 @@ class Transcriber:
         and now and then it stops although speech follows; the rest becomes a window of its own, decoded in
         a later batch, and this window keeps only its closed segments.
         """
-        if thresholds.silent(window.result) or not window.speech:
+        if thresholds.silent(window.result, window.voiced) or not window.speech:
             return None
         found = window_segments(window.result.tokens, self.ids.timestamp_begin, -(-len(window.audio) // HOP))
         cut = found.segments[-1][1] * FRAMES_PER_TIMESTAMP * HOP if found.segments else 0
@@ -405,7 +414,7 @@ class Transcriber:
         lang_id = heard.most_common(1)[0][0]
         segments: list[Segment] = []
         for w in windows:
-            if thresholds.silent(w.result):
+            if thresholds.silent(w.result, w.voiced):
                 self.stats["silent_windows"] += 1
             elif "closed" in w.extras:  # the rest of the window was decoded as a window of its own
                 segments += [Segment(w.offset + a * SECONDS_PER_TIMESTAMP, w.offset + b * SECONDS_PER_TIMESTAMP,
@@ -421,19 +430,23 @@ class Transcriber:
     # ---------------------------------------------------------------- sequential mode
     def _sequential(self, audio, lang_id, task, temps, thresholds, condition, initial_prompt, vad) -> Transcription:
         """openai-whisper's long-form loop over one recording (see `sequential`)."""
-        speech = _speech_frames(audio) if vad else None
+        voiced = _speech_frames(audio)
+        speech = voiced if vad else _speech_frames(audio, vad=False)
         segments, lang_id = self.sequential(self.log_mel(audio), len(audio) // HOP, lang_id, task, temps, thresholds,
-                                            condition, self._prompt_tokens(initial_prompt), speech)
+                                            condition, self._prompt_tokens(initial_prompt), speech, voiced)
         text = "".join(s.text for s in segments).strip()
         return Transcription(text, segments, self._language_name(lang_id), len(audio) / SAMPLE_RATE)
 
     def sequential(self, mel: torch.Tensor, frames: int, lang_id: int | None, task: str, temps: Sequence[float],
                    thresholds: Thresholds, condition: bool = True, history: Sequence[int] = (),
-                   speech: list[tuple[int, int]] | None = None) -> tuple[list[Segment], int | None]:
+                   speech: list[tuple[int, int]] | None = None, voiced: list[tuple[int, int]] | None = None,
+                   ) -> tuple[list[Segment], int | None]:
         """Segments of the first `frames` frames of `mel` [mels, >= frames + 3000], window after window.
 
         Each window starts where the previous one's last closed segment ended and is conditioned on the
-        tokens before it (`history` first); `speech` (frame ranges) lets windows without speech be skipped.
+        tokens before it (`history` first). `speech` (frame ranges) lets windows without speech be skipped;
+        `voiced` (the detector's speech, frame ranges) is the no-speech gate's second opinion, and a window
+        that stopped before the voiced audio in it ended is followed by one starting where its text ended.
         Returns the segments and the language (given, else detected per window: `pick_language`) that most
         of the decoded audio had.
         """
@@ -452,7 +465,7 @@ class Transcriber:
                 language = pick_language(detected, p, recording or detected)
             prev = [self.ids.prev_sot, *history[-max_history:]] if history else []
             res = self.decode_rows(enc, [prev + self.sot_sequence(language, task, True)], True, temps, thresholds)[0]
-            if thresholds.silent(res):
+            if thresholds.silent(res, voiced is None or overlap(voiced, seek, seek + size) > 0):
                 self.stats["silent_windows"] += 1
                 seek += size
                 continue
@@ -464,7 +477,7 @@ class Transcriber:
             history = history + found.history if condition and res.temperature <= 0.5 else []
             advance = found.advance
             last_end = found.segments[-1][1] * FRAMES_PER_TIMESTAMP if found.segments else 0
-            if speech is not None and advance >= size and _unheard_rest(last_end, (seek, seek + size), speech):
+            if voiced is not None and advance >= size and _unheard_rest(last_end, (seek, seek + size), voiced):
                 advance = last_end  # the detector heard speech after the last segment: decode it next
                 self.stats["continued"] += 1
             advance = max(advance, FRAMES_PER_TIMESTAMP)  # always move on, even on a degenerate window
@@ -489,7 +502,7 @@ def stopped_early(windows: list[_Window], thresholds: Thresholds, min_speech_s: 
     def rate(w: _Window) -> float:
         return len(w.result.tokens) / (overlap(w.speech, 0, len(w.audio)) / SAMPLE_RATE)
 
-    judged = [w for w in windows if not w.timestamps and not thresholds.silent(w.result)
+    judged = [w for w in windows if not w.timestamps and not thresholds.silent(w.result, w.voiced)
               and overlap(w.speech, 0, len(w.audio)) >= min_speech_s * SAMPLE_RATE]
     out = []
     for source in {w.source for w in judged}:
@@ -499,9 +512,10 @@ def stopped_early(windows: list[_Window], thresholds: Thresholds, min_speech_s: 
     return sorted(out, key=lambda w: (w.source, w.offset))
 
 
-def _speech_frames(audio: np.ndarray) -> list[tuple[int, int]]:
-    """Speech regions of `audio` (unpadded) in log-mel frames."""
-    return [(a // HOP, -(-b // HOP)) for a, b in find_speech(audio)[0]]
+def _speech_frames(audio: np.ndarray, vad: bool = True) -> list[tuple[int, int]]:
+    """Speech regions of `audio` (unpadded; without `vad`, its audible stretches) in log-mel frames."""
+    regions = find_speech(audio)[0] if vad else audible_regions(audio)
+    return [(a // HOP, -(-b // HOP)) for a, b in regions]
 
 
 def _next_speech(seek: int, speech: list[tuple[int, int]], lead: int = 40) -> int:

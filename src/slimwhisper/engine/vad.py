@@ -162,3 +162,23 @@ def speech_windows(audio: np.ndarray, options: VADOptions = VADOptions()) -> lis
 def overlap(regions: list[tuple[int, int]], start: int, end: int) -> int:
     """Samples of `regions` inside [start, end)."""
     return sum(max(0, min(b, end) - max(a, start)) for a, b in regions)
+
+
+SILENCE_DBFS = -60.0  # a 32-ms frame quieter than this (RMS, full scale = 1) carries no audible sound
+
+
+def audible_regions(audio: np.ndarray, floor_dbfs: float = SILENCE_DBFS) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of the 32-ms frames louder than `floor_dbfs`: the energy check used
+    when the detector is off.
+
+    Whisper writes text on digital silence ("you", "Thank you."); without the detector the engine still
+    never shows it a window with nothing audible in it. The floor is far below any speech, so it only
+    removes silence and never a quiet word.
+    """
+    n = len(audio) // FRAME * FRAME
+    frames = np.asarray(audio[:n], dtype=np.float64).reshape(-1, FRAME)
+    loud = np.sqrt(np.mean(frames**2, axis=1)) > 10 ** (floor_dbfs / 20) if n else np.zeros(0, bool)
+    if len(audio) > n:  # the last partial frame counts too
+        loud = np.append(loud, np.sqrt(np.mean(np.asarray(audio[n:], np.float64) ** 2)) > 10 ** (floor_dbfs / 20))
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], loud.astype(np.int8), [0]))))
+    return [(int(a) * FRAME, min(int(b) * FRAME, len(audio))) for a, b in zip(edges[::2], edges[1::2])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..cliargs import (
     add_batch_size,
@@ -23,8 +24,9 @@ from ..data import open_dataset
 from ..data.records import normalize_language
 from ..decoding import ENGINES
 from ..errors import SlimWhisperError
-from .evaluate import LONG_AUDIO_CHOICES, evaluate
+from .evaluate import LONG_AUDIO_CHOICES, check_settings, evaluate
 from .report import SUMMARY_JSON, SUMMARY_MD, markdown_table
+from .shards import current_shard, shard_device
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -36,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="word/character error rate of a model, optionally against a baseline",
         description="Transcribe a dataset, score it with Whisper's normalisers (corpus WER/CER per language) and, "
         "with --baseline, report the difference with a paired-bootstrap 95%% interval. Every utterance is logged "
-        "to DIR/utterances.jsonl as it is scored; rerunning the same command resumes.",
+        "to DIR/utterances.jsonl as it is scored; rerunning the same command resumes. Under torchrun or "
+        "`accelerate launch --multi_gpu`, each process decodes a share and the first merges them.",
     )
     add_model(p)
     p.add_argument("--data", required=True, help="manifest.jsonl, LibriSpeech tree, Common Voice folder or .tsv, "
@@ -65,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load(name: str, device: str, dtype):
+def _load(name: str, device: str, dtype: Any) -> tuple[Any, Any]:
     try:
         from ..loading import load
     except ImportError as exc:
@@ -80,10 +83,13 @@ def run(args: argparse.Namespace) -> int:
     language = normalize_language(args.language)
     if args.limit is not None and args.limit < 1:
         raise SlimWhisperError("--limit must be at least 1")
-    output_folder(args.out)  # a file, or a folder that cannot be made, is refused before any work
+    check_settings(args.batch_size, args.beams, args.engine, args.long_audio, args.max_new_tokens, args.bootstrap)
     data = open_dataset(args.data, split=args.split, keep_language=language, limit=args.limit,
                         on_error="raise" if args.strict else "skip")
+    output_folder(args.out)  # after --data is read, so bad data leaves no empty folder (the CLI checked --out)
     device = resolve_device(args.device)
+    shard = current_shard(device)  # one of several processes under torchrun / accelerate launch --multi_gpu
+    device = shard_device(device, shard)
     dtype = getattr(torch, args.dtype)
     model, processor = _load(args.model, device, dtype)
     baseline = _load(args.baseline, device, dtype) if args.baseline else None
@@ -92,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
         out_dir=Path(args.out), baseline=baseline, tag=args.model, baseline_tag=args.baseline, device=device,
         dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio, engine=args.engine,
         on_error="raise" if args.strict else "skip", n_bootstrap=args.bootstrap, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, shard=shard,
     )
+    if not shard.main:  # the main process prints the one table
+        return 0
     print(markdown_table(result))
-    print(f"\n{result.skipped.describe()}; {result.wall_seconds:.1f} s; "
+    split = f"{shard.world} processes; " if shard.world > 1 else ""
+    print(f"\n{result.skipped.describe()}; {result.wall_seconds:.1f} s; {split}"
           f"wrote {Path(args.out) / SUMMARY_JSON} and {Path(args.out) / SUMMARY_MD}")
     return 0
 

@@ -5,8 +5,9 @@ runs, so the scores are of what users get), or transformers' `generate` with `en
 reference). Batches hold one language each, given in the prompt of multilingual models (the sample's
 language, or `language` to force one); greedy unless `num_beams` > 1. Clips over 30 s are decoded as the
 engine decodes long recordings (or long-form `generate`) by default, or skipped and reported with
-`long_audio="skip"`; they are never cut silently. Every scored utterance is appended to
-`out_dir/utterances.jsonl` as soon as it is produced, so a killed run resumes where it stopped.
+`long_audio="skip"`; they are never cut silently. Every scored utterance is logged as soon as it is
+produced, so a killed run resumes where it stopped. Under several processes (`shard`), each decodes its
+share of the plan and the main one merges the logs into the utterances.jsonl and summary one process writes.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..errors import SlimWhisperError
 from .metrics import char_errors, word_errors
 from .normalize import NORMALIZER_VERSION, char_text, normalize
 from .report import EvalResult, summarize
+from .shards import Shard
 from .store import UtteranceStore
 
 LongAudio = Literal["longform", "skip", "error"]
@@ -138,14 +140,18 @@ def evaluate(
     n_bootstrap: int = 10_000,
     seed: int = 0,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> EvalResult:
     """Evaluate `model` (and `baseline`, a (model, processor) pair) on `samples`; write the log and return scores.
 
     `language` forces one decoding language for every sample; otherwise each sample's own is used.
     `device`/`dtype`, when given, move the models there first. `engine` is "fast" (the engine, as
-    `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference).
+    `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference). `shard`
+    (`shards.current_shard`) splits the work when the process is one of several; every process returns the
+    same scores, only the main one writes the summaries.
     """
-    _check_settings(batch_size, num_beams, engine, long_audio)
+    shard = shard or Shard()
+    check_settings(batch_size, num_beams, engine, long_audio, max_new_tokens, n_bootstrap)
     language = normalize_language(language)
     report = SkipReport()
     samples, source = _sample_list(samples, report)
@@ -154,24 +160,28 @@ def evaluate(
     settings = {"models": _model_settings(cands), "engine": engine, "num_beams": num_beams, "language": language,
                 "max_new_tokens": max_new_tokens, "long_audio": long_audio, "normalizer": NORMALIZER_VERSION,
                 "data": source}
-    store = UtteranceStore(Path(out_dir), settings)
+    store = UtteranceStore(Path(out_dir), settings, rank=shard.rank, world=shard.world)
     plan = _plan(samples, cands, language, report)
-    done = {c.role: store.done(c.role) for c in cands}
-    pending = [p for p in plan if any(p.sample.id not in done[c.role] for c in cands)]
     started = time.perf_counter()
-    _decode_batches(cands, pending, done, store, report, n_planned=len(plan), batch_size=batch_size,
-                    long_audio=long_audio, on_error=on_error, progress=progress)
+    _decode_share(cands, plan, store, report, shard, batch_size=batch_size, long_audio=long_audio,
+                  on_error=on_error, progress=progress)
+    _merge_logs(store, plan, cands, shard)
     return summarize(
         store, [c.role for c in cands], {c.role: c.tag for c in cands}, [p.sample.id for p in plan], report=report,
         settings=settings, out_dir=Path(out_dir), wall_seconds=time.perf_counter() - started,
-        n_bootstrap=n_bootstrap, seed=seed,
+        n_bootstrap=n_bootstrap, seed=seed, write=shard.main,
     )
 
 
-def _check_settings(batch_size: int, num_beams: int, engine: str, long_audio: str) -> None:
+def check_settings(batch_size: int, num_beams: int, engine: str, long_audio: str, max_new_tokens: int | None,
+                   n_bootstrap: int) -> None:
     """Refuse impossible settings before any model is touched."""
     if batch_size < 1 or num_beams < 1:
         raise SlimWhisperError("batch_size and num_beams must be at least 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise SlimWhisperError("max_new_tokens (--max-new-tokens) must be at least 1")
+    if n_bootstrap < 1:
+        raise SlimWhisperError("the paired bootstrap (--bootstrap) needs at least 1 draw")
     if engine not in ENGINES:
         raise SlimWhisperError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
     if long_audio not in LONG_AUDIO_CHOICES:
@@ -211,6 +221,32 @@ def _model_settings(cands: list[Candidate]) -> dict[str, dict[str, str]]:
     """Each candidate's tag, weight fingerprint and dtype, so a resumed log is never one of other models."""
     return {c.role: {"tag": c.tag, "fingerprint": model_fingerprint(c.model),
                      "dtype": str(next(c.model.parameters()).dtype)} for c in cands}
+
+
+def _decode_share(cands: list[Candidate], plan: list[_Planned], store: UtteranceStore, report: SkipReport,
+                  shard: Shard, **options: Any) -> None:
+    """Decode this process's share of the plan that no log holds yet, then collect every process's skips into
+    `report` in plan order, so the report does not depend on how the work was split."""
+    mine = shard.take(plan)
+    done = {c.role: store.done(c.role) for c in cands}
+    pending = [p for p in mine if any(p.sample.id not in done[c.role] for c in cands)]
+    decoding = SkipReport()
+    _decode_batches(cands, pending, done, store, decoding, n_planned=len(mine), **options)
+    position = {p.sample.id: i for i, p in enumerate(plan)}
+    skipped = [item for part in shard.gather(decoding.items) for item in part]
+    report.items.extend(sorted(skipped, key=lambda item: position.get(item.id, len(position))))
+
+
+def _merge_logs(store: UtteranceStore, plan: list[_Planned], cands: list[Candidate], shard: Shard) -> None:
+    """The main process rewrites utterances.jsonl in plan order from every log; the others wait, then read it.
+
+    The gather in `_decode_share` already held everyone until all had logged their share.
+    """
+    if shard.main:
+        store.merge((c.role, p.sample.id) for p in plan for c in cands)
+    shard.barrier()
+    if not shard.main:
+        store.reload()
 
 
 def _decode_batches(cands: list[Candidate], pending: list[_Planned], done: dict[str, set[str]],

@@ -1,7 +1,9 @@
 """Summaries of an evaluation: corpus WER/CER per language and overall, paired deltas, JSON and Markdown.
 
 Scores are always recomputed from the utterance log, so a resumed run reports on everything it holds for
-the requested samples, not only on what the last invocation decoded.
+the requested samples, not only on what the last invocation decoded. Only `VOLATILE` fields (wall-clock and
+decoding times) depend on how the run went: the rest of summary.json is the same for an uninterrupted run, a
+run killed and resumed, and a run split over several processes (`comparable` drops the volatile part).
 """
 from __future__ import annotations
 
@@ -9,19 +11,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..data.records import SkipReport
 from ..errors import SlimWhisperError
 from .metrics import Bootstrap, corpus_rate, paired_bootstrap
 from .normalize import uses_cer
-
-if TYPE_CHECKING:
-    from .store import UtteranceStore
+from .store import UTTERANCES_FILE, UtteranceStore, remove_stale_temps, write_atomic
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 ALL = "all"
+# Fields of summary.json that measure time, not accuracy: they differ between two runs of one command.
+VOLATILE = ("wall_seconds", "timing")
+
+
+def comparable(summary: dict) -> dict:
+    """summary.json without its volatile (timing) fields: what must agree between two runs of one command."""
+    return {k: v for k, v in summary.items() if k not in VOLATILE}
 
 
 @dataclass
@@ -92,8 +99,8 @@ class EvalResult:
         d["n_bootstrap"] = self.n_bootstrap
         d["wall_seconds"] = round(self.wall_seconds, 2)
         d["timing"] = self.timing
-        d["files"] = {"utterances": str(self.out_dir / "utterances.jsonl"), "summary": str(self.out_dir / SUMMARY_JSON),
-                      "markdown": str(self.out_dir / SUMMARY_MD)}
+        # names next to summary.json, not paths: the summary does not change with where the folder lives
+        d["files"] = {"utterances": UTTERANCES_FILE, "summary": SUMMARY_JSON, "markdown": SUMMARY_MD}
         return d
 
 
@@ -124,9 +131,10 @@ def _timing(roles: list[str], recs: list[dict], base: list[dict] | None) -> dict
 
 def summarize(
     store: UtteranceStore, roles: list[str], tags: dict[str, str], ids: list[str], *, report: SkipReport,
-    settings: dict, out_dir: Path, wall_seconds: float, n_bootstrap: int = 10_000, seed: int = 0,
+    settings: dict, out_dir: Path, wall_seconds: float, n_bootstrap: int = 10_000, seed: int = 0, write: bool = True,
 ) -> EvalResult:
-    """Rows from the log for `ids`; with a baseline, only utterances both models scored are compared."""
+    """Rows from the log for `ids`; with a baseline, only utterances both models scored are compared. `write`
+    False computes without writing (the other processes of a sharded run: the main one writes)."""
     has_base = "baseline" in roles
     keep = [i for i in ids if store.get("model", i) and (not has_base or store.get("baseline", i))]
     recs = store.records("model", keep)
@@ -143,7 +151,8 @@ def summarize(
     overall = _row(ALL, recs, base, n_bootstrap, seed)
     result = EvalResult(tags["model"], tags.get("baseline"), overall, rows, report, settings, out_dir, wall_seconds,
                         _timing(roles, recs, base), n_bootstrap if has_base else 0)
-    write_reports(result)
+    if write:
+        write_reports(result)
     return result
 
 
@@ -196,7 +205,8 @@ def markdown(result: EvalResult) -> str:
 
 
 def write_reports(result: EvalResult) -> None:
+    """summary.json and summary.md, each replaced in one rename: a kill never leaves half a summary."""
     result.out_dir.mkdir(parents=True, exist_ok=True)
-    (result.out_dir / SUMMARY_JSON).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
-    (result.out_dir / SUMMARY_MD).write_text(markdown(result), encoding="utf-8")
+    write_atomic(result.out_dir / SUMMARY_JSON, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(result.out_dir / SUMMARY_MD, markdown(result))
+    remove_stale_temps(result.out_dir, "summary.*")

@@ -39,6 +39,8 @@ _DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }  # fmt: skip
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names; anything else needs a quantisation config
+_CT2_CONFIG_KEYS = ("suppress_ids", "suppress_ids_begin", "lang_ids", "alignment_heads")  # faster-whisper's
 
 
 def _offline_options() -> str:
@@ -72,7 +74,8 @@ def _place(model: Model, device: torch.device | str | None, dtype: torch.dtype |
         if dtype is not None or target is not None:
             model = model.to(device=target, dtype=dtype)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise SlimWhisperError(f"cannot move the model to device={device!r} dtype={dtype}: {exc}") from exc
+        raise SlimWhisperError(f"cannot move the model to device={device!r} dtype={dtype} ({exc}); use --device "
+                               "auto, cpu, cuda, cuda:N or mps, whichever this machine has") from exc
     return model.eval()
 
 
@@ -120,14 +123,63 @@ def _from_lite_whisper(directory: Path, dtype: torch.dtype | None) -> tuple[Mode
     return model.eval(), processor
 
 
-def check_weight_files(directory: Path, weights: list[Path]) -> None:
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; a damaged file or a faster-whisper config without its model.bin is
+    refused here, before transformers turns it into a multi-line traceback."""
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SlimWhisperError(f"cannot read {path} ({exc.strerror}); check its permissions") from exc
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise SlimWhisperError(f"{path} is not valid JSON ({exc}); copy the model folder again") from exc
+    if not isinstance(data, dict):
+        raise SlimWhisperError(f"{path} is not a model config (a JSON object); copy the model folder again")
+    if "model_type" not in data:
+        if any(k in data for k in _CT2_CONFIG_KEYS):  # faster-whisper writes these, never model_type
+            raise ModelNotFoundError(f"{directory} is a faster-whisper (CTranslate2) folder without its model.bin; "
+                                     "copy model.bin into it")
+        raise SlimWhisperError(f"{path} names no model_type, so it is not a Hugging Face Whisper config; give the "
+                               "folder `save_pretrained` wrote")
+    return data
+
+
+def load_config(directory: Path) -> Any:
+    """The transformers config of a Hugging Face / slimwhisper folder, without reading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        import slimwhisper.models  # noqa: F401  registers model_type "slimwhisper" with the Auto classes
+    except ImportError:
+        log.debug("slimwhisper.models is not available; only plain Whisper configs will load")
+    read_config_json(directory)
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SlimWhisperError(f"{directory}/config.json is not a Whisper config ({exc}); give a Whisper "
+                               "model folder") from exc
+
+
+def _safetensors_keys(path: Path) -> dict[str, str]:
+    """Tensor name -> dtype name ("F32", "I64", ...) from a safetensors header; damage is a one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+        raise SlimWhisperError(f"{path} is incomplete or corrupt ({exc}); copy or download it again") from exc
+
+
+def check_weight_files(directory: Path, weights: list[Path], quantized: bool = False) -> None:
     """Refuse incomplete checkpoints before loading: a truncated safetensors file (a copy or download cut
-    short) or a shard the index names but the folder lacks."""
+    short), a shard the index names but the folder lacks, or integer tensors in a model that is not quantised
+    (transformers would cast them to float and load garbage without a word)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SlimWhisperError(f"{index} is not a valid shard index ({exc}); copy the model again") from exc
         missing = sorted(s for s in shards if not (directory / s).is_file())
         if missing:
@@ -136,24 +188,27 @@ def check_weight_files(directory: Path, weights: list[Path]) -> None:
     for path in weights:
         if path.suffix != ".safetensors":
             continue
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
-            raise SlimWhisperError(f"{path} is incomplete or corrupt ({exc}); copy or download it again") from exc
+        dtypes = _safetensors_keys(path)
+        odd = sorted((k, d) for k, d in dtypes.items() if d not in _FLOAT_DTYPES)
+        if odd and not quantized and path.name.startswith("model"):  # encoder_stats.safetensors counts in I64
+            key, dtype = odd[0]
+            raise SlimWhisperError(f"{path}: {key} has dtype {dtype} but this model is not quantised, so its weights "
+                                   f"must be floating point (F32, F16, BF16); re-save it from the original model")
 
 
 def _load_hf_dir(directory: Path, dtype: torch.dtype | None, root: Path) -> Loaded:
+    config = read_config_json(directory)
     weights = _weight_files(directory)
     if not weights:
         raise ModelNotFoundError(
-            f"{directory} has a config.json but no *.safetensors or pytorch_model*.bin weights"
+            f"{directory} has a config.json but no weights (model.safetensors or pytorch_model*.bin); copy them "
+            "into it"
         )
-    check_weight_files(directory, weights)
+    check_weight_files(directory, weights, quantized="quantization_config" in config)
     try:
         model, processor = (_from_lite_whisper if is_lite_whisper(directory) else _from_hf)(directory, dtype)
+    except SlimWhisperError:
+        raise  # already says what to do
     except (OSError, ValueError, KeyError) as exc:
         raise SlimWhisperError(
             f"cannot load the Hugging Face model in {directory}: {exc}. It needs config.json, the "
@@ -231,11 +286,15 @@ def _load_local(path: Path, dtype: torch.dtype | None, root: Path) -> Loaded:
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a model directory or a CTranslate2 model.bin file")
     if (path / "model.bin").is_file():
+        if is_lite_whisper(path):  # the config describes low-rank weights that model.bin cannot hold
+            raise SlimWhisperError(f"{path} mixes a faster-whisper model.bin with a lite-whisper config.json; "
+                                   "keep each model in its own folder")
         return _load_ct2(CT2Files.from_directory(path), path.resolve().name, dtype, root)
     if (path / "config.json").is_file():
         return _load_hf_dir(path, dtype, root)
     raise ModelNotFoundError(
-        f"{path} holds neither model.bin (CTranslate2 / faster-whisper) nor config.json (Hugging Face)"
+        f"{path} holds neither model.bin (CTranslate2 / faster-whisper) nor config.json (Hugging Face); give the "
+        "folder that holds the model, or a short name such as tiny.en"
     )
 
 

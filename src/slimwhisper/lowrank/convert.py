@@ -1,24 +1,39 @@
 """Compress encoder linears into `LowRankLinear`s (LiteASR) and rebuild them from saved geometry.
 
 `convert_lowrank(model, LowRankConfig)` measures (or reuses) output statistics of every target
-linear on calibration audio, picks each rank from the PCA energy, computes the factors in float64
+linear on calibration audio (layer groups in bounded memory, resumable from a work folder: see
+`calibrate.py`), picks each rank from the PCA energy, computes the factors in float64
 (`math.py`), casts them once to the model's dtype, and returns a `SlimWhisperForConditionalGeneration`
 whose config records `compression["lowrank"] = {"recipe": ..., "layers": {fqn: rank}}`. Layers
 that stay dense are absent from "layers". Other methods' entries (e.g. "mla") are kept.
 """
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..calibration import CalibrationSource, calibration_audio, feature_batches
+from ..calibration import CalibrationSource
 from ..errors import SlimWhisperError
 from ..models import SlimWhisperForConditionalGeneration, register_geometry
 from ..models.rebuild import rebuild
-from .calibrate import STATS_FILE, EncoderStats, batches_needed, collect_linear_stats, encoder_fingerprint
+from .calibrate import (
+    STATS_BUDGET_BYTES,
+    STATS_FILE,
+    CalibrationWork,
+    EncoderStats,
+    FileLayers,
+    LinearStats,
+    audio_items,
+    audio_key,
+    encoder_fingerprint,
+    measure_stats,
+)
 from .config import LowRankConfig
 from .math import energy_rank, fixed_rank, pca_factors
 from .modules import LowRankLinear, WhisperLowRankAttention
@@ -45,6 +60,29 @@ def find_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Lin
     return found
 
 
+def work_settings(model: nn.Module, targets: dict[str, nn.Linear], items: list, batch_size: int) -> dict[str, Any]:
+    """What a calibration work folder's statistics depend on: a folder made otherwise is not reused."""
+    return {"fingerprint": encoder_fingerprint(model), "audio": audio_key(items), "recordings": len(items),
+            "batch_size": batch_size, "targets": sorted(targets), "num_mel_bins": model.config.num_mel_bins}
+
+
+@contextmanager
+def _measured(model: nn.Module, source: CalibrationSource, config: LowRankConfig, work_dir: str | Path | None,
+              limit: int | None, batch_size: int, budget_bytes: int, progress: bool) -> Iterator[EncoderStats]:
+    """Statistics measured into `work_dir` (resumable), or into a temporary folder removed afterwards."""
+    targets = find_linears(model, config.targets)
+    items = audio_items(source, limit)
+    settings = work_settings(model, targets, items, batch_size)
+    holder = nullcontext(work_dir) if work_dir is not None else tempfile.TemporaryDirectory(prefix="slimwhisper-")
+    with holder as folder:
+        work = CalibrationWork(folder, settings)
+        stats = measure_stats(model, items, targets, work, batch_size=batch_size, budget_bytes=budget_bytes,
+                              progress=progress)
+        stats.extra["source"] = "bundled" if source is None else str(source)[:200]
+        stats.extra["recordings_limit"] = str(limit)
+        yield stats
+
+
 def calibrate(
     model: nn.Module,
     audio_source: CalibrationSource = None,
@@ -53,54 +91,83 @@ def calibrate(
     limit: int | None = 100,
     batch_size: int = 4,
     progress: bool = True,
+    work_dir: str | Path | None = None,
+    budget_bytes: int = STATS_BUDGET_BYTES,
 ) -> EncoderStats:
     """Run the unmodified encoder over calibration audio and return streamed output statistics.
 
     `audio_source`: a path (file, folder, any dataset layout the project reads), a list of paths or
     16 kHz arrays, or None for the bundled clips; at most `limit` recordings (default 100), each
-    contributing every 30-s window. Save the result with `.save(path)` to reuse it.
+    contributing every 30-s window. Layers are measured in groups whose sums fit `budget_bytes`.
+    With `work_dir` the result reads from that folder (resumable, nothing held in memory); without
+    it the sums are returned in memory. Save the result with `.save(path)` to reuse it.
     """
     config = config or LowRankConfig()
-    targets = find_linears(model, config.targets)
-    windows = calibration_audio(audio_source, limit=limit)
-    batches = feature_batches(windows, model.config.num_mel_bins, batch_size)
-    stats = collect_linear_stats(model, batches, targets, batches_needed(len(windows), batch_size), progress)
-    stats.extra["source"] = "bundled" if audio_source is None else str(audio_source)[:200]
-    stats.extra["recordings_limit"] = str(limit)
-    return stats
+    with _measured(model, audio_source, config, work_dir, limit, batch_size, budget_bytes, progress) as stats:
+        return stats if work_dir is not None else stats.in_memory()
+
+
+def _rank_for(name: str, linear: nn.Linear, config: LowRankConfig, stats: EncoderStats,
+              layer: LinearStats | None = None) -> int | None:
+    """The rank of one target linear, or None when it stays dense."""
+    if config.rank is not None:
+        return fixed_rank(config.rank, linear.in_features, linear.out_features, config.dense_if_no_saving)
+    values = stats.basis(name, layer)[0]
+    return energy_rank(values, config.theta_for(name.split(".", 4)[-1]), config.granule, linear.in_features,
+                       linear.out_features, config.energy, config.dense_if_no_saving)
 
 
 def choose_ranks(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -> dict[str, int]:
     """fqn -> rank for every target that gets factorised (dense ones are left out)."""
     ranks: dict[str, int] = {}
     for name, linear in find_linears(model, config.targets).items():
-        target = name.split(".", 4)[-1]
-        if config.rank is not None:
-            k = fixed_rank(config.rank, linear.in_features, linear.out_features, config.dense_if_no_saving)
-        else:
-            values = stats.basis(name)[0]
-            k = energy_rank(values, config.theta_for(target), config.granule, linear.in_features,
-                            linear.out_features, config.energy, config.dense_if_no_saving)
+        k = _rank_for(name, linear, config, stats)
         if k is not None:
             ranks[name] = k
     return ranks
 
 
-def _resolve_stats(model: nn.Module, config: LowRankConfig, calibration: Any, limit, batch_size, progress):
-    if isinstance(calibration, EncoderStats):
-        stats = calibration
-    elif isinstance(calibration, (str, Path)) and (
-        str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file()
-    ):
-        stats = EncoderStats.load(calibration)
-    else:
-        return calibrate(model, calibration, config, limit=limit, batch_size=batch_size, progress=progress)
+def _check_stats(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -> EncoderStats:
     if stats.fingerprint and stats.fingerprint != encoder_fingerprint(model):
         raise SlimWhisperError("these calibration statistics were measured on another encoder; re-run calibration")
     missing = sorted(set(find_linears(model, config.targets)) - set(stats.layers))
     if missing:
         raise SlimWhisperError(f"calibration statistics do not cover {missing[:3]}; re-run calibration")
     return stats
+
+
+def _stats_for(model: nn.Module, config: LowRankConfig, calibration: Any, work_dir, limit, batch_size,
+               budget_bytes, progress):
+    """A context giving the statistics: given, loaded from a file, or measured (into `work_dir` if any)."""
+    if isinstance(calibration, EncoderStats):
+        return nullcontext(_check_stats(model, config, calibration))
+    if isinstance(calibration, (str, Path)) and (
+        str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file()
+    ):
+        return nullcontext(_check_stats(model, config, EncoderStats.load(calibration)))
+    return _measured(model, calibration, config, work_dir, limit, batch_size, budget_bytes, progress)
+
+
+def _factorise(linears: dict[str, nn.Linear], config: LowRankConfig,
+               stats: EncoderStats) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Ranks and low-rank factors, one linear at a time (a file-backed layer is read, used and dropped)."""
+    ranks: dict[str, int] = {}
+    new_state: dict[str, torch.Tensor] = {}
+    on_disk = isinstance(stats.layers, FileLayers)
+    for name, linear in linears.items():
+        s = stats.layers[name]
+        k = _rank_for(name, linear, config, stats, s)
+        if k is not None:
+            ranks[name] = k
+            first, second, bias = pca_factors(linear.weight.detach(), linear.bias, s.mean(), None, k,
+                                              stats.basis(name, s))
+            like = linear.weight
+            new_state[f"{name}.down.weight"] = first.to(dtype=like.dtype, device=like.device)
+            new_state[f"{name}.up.weight"] = second.to(dtype=like.dtype, device=like.device)
+            new_state[f"{name}.up.bias"] = bias.to(dtype=like.dtype, device=like.device)
+        if on_disk:  # in-memory statistics keep their bases for the next recipe
+            stats.forget(name)
+    return ranks, new_state
 
 
 def convert_lowrank(
@@ -112,6 +179,8 @@ def convert_lowrank(
     batch_size: int = 4,
     progress: bool = True,
     stats_out: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    stats_budget_bytes: int = STATS_BUDGET_BYTES,
 ) -> SlimWhisperForConditionalGeneration:
     """Return a copy of `model` whose encoder linears are low-rank as `config` says.
 
@@ -121,25 +190,21 @@ def convert_lowrank(
         calibration: audio (path, list of paths/arrays, None = bundled clips), an `EncoderStats`, or
             the path of a saved statistics file (or a directory holding `encoder_stats.safetensors`).
         stats_out: also save the statistics here (a file path).
+        work_dir: keep per-layer statistics here while measuring, so a killed run resumes (same
+            settings only); default: a temporary folder.
+        stats_budget_bytes: statistics of at most this many bytes are accumulated at once.
     """
     if "lowrank" in (getattr(model.config, "compression", None) or {}):
         raise SlimWhisperError("this model already has a low-rank encoder; compress the original model instead")
     linears = find_linears(model, config.targets)
     # fixed ranks need the PCA basis too, so statistics are always measured
-    stats = _resolve_stats(model, config, calibration, calibration_limit, batch_size, progress)
-    if stats_out is not None:
-        stats.save(stats_out)
-    ranks = choose_ranks(model, config, stats)
-    new_state: dict[str, torch.Tensor] = {}
-    for name, k in ranks.items():
-        linear = linears[name]
-        s = stats.layers[name]
-        first, second, bias = pca_factors(linear.weight.detach(), linear.bias, s.mean(), None, k, stats.basis(name))
-        like = linear.weight
-        new_state[f"{name}.down.weight"] = first.to(dtype=like.dtype, device=like.device)
-        new_state[f"{name}.up.weight"] = second.to(dtype=like.dtype, device=like.device)
-        new_state[f"{name}.up.bias"] = bias.to(dtype=like.dtype, device=like.device)
-    spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": stats.windows}
+    with _stats_for(model, config, calibration, work_dir, calibration_limit, batch_size, stats_budget_bytes,
+                    progress) as stats:
+        if stats_out is not None:
+            stats.save(stats_out)
+        ranks, new_state = _factorise(linears, config, stats)
+        windows = stats.windows
+    spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": windows}
     return rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(ranks))
 
 

@@ -264,6 +264,10 @@ class WhisperMLAAttention(WhisperAttention):
             return {}
         sources = [self.q_proj.weight, self.q_proj.bias, self.up_k.weight, self.up_v.weight, self.up_v.bias,
                    self.out_proj.weight, self.out_proj.bias]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+            # training through a decode step: fold in the graph so q_proj, U_k, U_v and out_proj get gradients
+            return self.fold_projections((self.q_proj.weight, self.q_proj.bias) if fold_q else None,
+                                         (self.out_proj.weight, self.out_proj.bias) if fold_o else None)
         key = (fold_q, fold_o) + tuple(
             None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
         )

@@ -1,12 +1,16 @@
 """`slimwhisper finetune MODEL_DIR --train DATA [--control] --out DIR`: recovery fine-tuning.
 
 Every option defaults to the documented recipe (`FinetuneConfig()`), so the bare command is the recipe.
-Scales out unchanged with `accelerate launch -m slimwhisper.cli finetune ...` or torchrun.
+Scales out unchanged with `accelerate launch --multi_gpu --num_processes N -m slimwhisper.cli finetune ...`
+or `torchrun --nproc_per_node N -m slimwhisper.cli finetune ...` (GPUs, or CPU processes over gloo when
+there is no GPU); `--batch-size` stays the global batch, so the result does not depend on N.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import fields
 
 from ..cliargs import add_device, add_model, add_out, add_quiet, output_folder
@@ -70,11 +74,32 @@ def _device(name: str) -> str | None:
     return None if name == "auto" else name
 
 
+def warn_single_process_launch(env: dict[str, str] | None = None) -> bool:
+    """Say so when `accelerate launch --cpu --num_processes N` (N > 1) started this as its only process.
+
+    With `--cpu` accelerate always takes its simple launcher: one process, which gets MASTER_ADDR (set only
+    when N > 1) but no rank or world size; N CPU processes would need mpirun (`--mpirun_hostfile`). The run
+    is still correct, on one process, so this warns rather than refuses.
+    """
+    env = os.environ if env is None else env
+    ranked = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    single = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env
+    if not single or any(k in env for k in ranked):
+        return False
+    print("slimwhisper: warning: accelerate launch --cpu starts one process whatever --num_processes says; "
+          "for N processes use `accelerate launch --multi_gpu --num_processes N` (CPU processes over gloo when "
+          "there is no GPU) or `torchrun --nproc_per_node N`", file=sys.stderr)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from accelerate import PartialState
+
     from .pipeline import RecoveryJob, recover
 
+    warn_single_process_launch()
     config = config_from_args(args)
     for source in args.train:
         if not Path(source).expanduser().exists():
@@ -86,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, progress=not args.quiet)
     record = recover(job)
     arms = {arm: {k: r[k] for k in ("path", "steps_done", "wall_seconds", "last")} for arm, r in record["arms"].items()}
-    print(json.dumps({"out": args.out, "arms": arms}, indent=2))
+    if PartialState().is_main_process:  # one summary, not one per process
+        print(json.dumps({"out": args.out, "arms": arms}, indent=2))
     return 0

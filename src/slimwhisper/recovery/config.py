@@ -32,8 +32,10 @@ class FinetuneConfig(Recipe):
             low-rank encoder linears), "decoder" (the whole decoder) or "all".
         steps: optimizer steps.
         batch_size: utterances per optimizer step (over all processes and accumulation steps).
-        micro_batch_size: utterances per forward pass; batch_size / micro_batch_size / processes is
-            the gradient-accumulation factor.
+        micro_batch_size: at most this many utterances per forward pass (capped at batch_size, so
+            `--batch-size 4` alone is one forward of 4); each process splits its share of a step into
+            such micro-batches. The loss is normalised over the whole step's labelled tokens, so the
+            split (processes x micro-batches) never changes the gradient.
         lr: peak learning rate of AdamW.
         betas, weight_decay, eps: AdamW.
         schedule: "cosine" (linear warmup then cosine to `min_lr_ratio`·lr) or "wsd" (warmup, stable,
@@ -82,6 +84,8 @@ class FinetuneConfig(Recipe):
     recipe_name = "FinetuneConfig"
 
     def __post_init__(self) -> None:
+        if 1 <= self.batch_size < self.micro_batch_size:  # a cap above the batch means one forward per step
+            object.__setattr__(self, "micro_batch_size", self.batch_size)
         checks = [
             (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),

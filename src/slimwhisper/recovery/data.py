@@ -196,7 +196,8 @@ class EncoderCache:
         os.replace(tmp, path)
 
 
-def log_mel(feature_extractor: Any, audios: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype):
+def log_mel(feature_extractor: Any, audios: Sequence[np.ndarray], device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
     """Whisper's log-mel features [B, n_mels, 3000] of 16 kHz clips (each padded to 30 s)."""
     feats = feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt")
     return feats.input_features.to(device=device, dtype=dtype)

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # the label of positions that are not trained (HF / PyTorch convention)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy over labelled positions (0 when there are none)."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy over labelled positions, their "mean" or "sum" (0 when there are none)."""
     mask = labels != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+    return F.cross_entropy(logits[mask].float(), labels[mask], reduction=reduction)
 
 
 def distillation(
@@ -40,14 +40,15 @@ def distillation(
 
 def topk_distillation(
     student: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor, labels: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float = 1.0, reduction: str = "mean",
 ) -> torch.Tensor:
     """KL between the teacher's and the student's distributions coarsened to the teacher's top-k tokens + "rest".
 
     `top_idx` / `top_logp` [B, L, k] are the teacher's k most likely tokens and their temperature-softened
     log-probabilities (precomputed once, so the teacher never runs during training). The k+1-bucket KL is
     0 exactly when the student matches the teacher on those buckets and positive otherwise; with k = 64
-    the rest bucket holds well under 1% of Whisper's probability mass. Times T^2, averaged over labelled tokens.
+    the rest bucket holds well under 1% of Whisper's probability mass. Times T^2, the "mean" or "sum" over
+    labelled tokens.
     """
     mask = labels != IGNORE_INDEX
     if not mask.any():
@@ -60,7 +61,8 @@ def topk_distillation(
     t_rest = (1 - p_k.sum(-1)).clamp_min(1e-8)
     s_rest = (1 - s_k.exp().sum(-1)).clamp_min(1e-8)
     rest = t_rest * (t_rest.log() - s_rest.log())
-    return (head + rest).mean() * temperature**2
+    per_token = head + rest
+    return (per_token.sum() if reduction == "sum" else per_token.mean()) * temperature**2
 
 
 def combined_loss(
@@ -71,13 +73,22 @@ def combined_loss(
     ce_weight: float,
     kd_weight: float,
     temperature: float,
+    tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_weight·CE + kd_weight·KD, CE, KD); KD is 0 without the teacher's (top_idx, top_logp)."""
-    ce = cross_entropy(student, labels)
+    """(ce_weight·CE + kd_weight·KD, CE, KD); KD is 0 without the teacher's (top_idx, top_logp).
+
+    Both terms are means over this batch's labelled tokens, or, with `tokens`, sums divided by `tokens`:
+    the labelled tokens of the whole optimizer step, so that micro-batches and processes holding
+    different token counts add up to exactly the mean over the step's batch.
+    """
+    reduction = "mean" if tokens is None else "sum"
+    ce = cross_entropy(student, labels, reduction)
     if teacher_topk is None:
         kd = ce.detach() * 0.0
     else:
-        kd = topk_distillation(student, teacher_topk[0], teacher_topk[1], labels, temperature)
+        kd = topk_distillation(student, teacher_topk[0], teacher_topk[1], labels, temperature, reduction)
+    if tokens is not None:
+        ce, kd = ce / tokens, kd / tokens
     return ce_weight * ce + kd_weight * kd, ce, kd
 
 

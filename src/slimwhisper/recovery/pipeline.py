@@ -6,7 +6,9 @@ Output directory:
     finetune.json   config, source, teacher, data, steps, wall times (rewritten after each arm)
     loss.png        loss curves of both arms
     work/<arm>/     checkpoint/ and loss.csv; re-running the same command resumes from here
-A finished arm is never retrained; a different recipe in the same directory is an error.
+A finished arm is never retrained; a different recipe in the same directory is an error. Every file is
+written atomically (a temporary name, then one rename), so a run killed at any point leaves no half-written
+file under a final name, and re-running the same command finishes it.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from typing import Any
 from ..errors import SlimWhisperError
 from ..loading.processor import save_processor
 from .config import FinetuneConfig
-from .train import converted_paths, finetune
+from .train import converted_paths, finetune, on_cpu
 
 RUN_FILE = "finetune.json"
 ARMS = ("model", "control")
-_OWNED = (*ARMS, "work", RUN_FILE, "loss.png")
+_TEMPORARY = (f".{RUN_FILE}.tmp", ".loss.png.tmp", *(f".{arm}.partial" for arm in ARMS))  # left by a killed run
+_OWNED = (*ARMS, "work", RUN_FILE, "loss.png", *_TEMPORARY)
 
 
 @dataclass(frozen=True)
@@ -82,16 +85,33 @@ def _prepare_out(job: RecoveryJob) -> tuple[Path, dict]:
         for name in _OWNED:
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    _barrier()  # the other processes look only after the main one has cleared the folder
+    try:
+        return out, _read_record(out, record_path, identity)
+    finally:
+        _barrier()  # and nobody writes before every process has looked
+
+
+def _read_record(out: Path, record_path: Path, identity: dict) -> dict:
+    """The run record of a resumable run in `out` (a new one for a missing or empty folder)."""
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("identity") != identity:
             diff = sorted(k for k in identity if record.get("identity", {}).get(k) != identity[k])
             raise SlimWhisperError(f"{out} holds a fine-tuning run with other settings ({', '.join(diff)}); "
                                    "use another --out or pass --overwrite")
-        return out, record
-    if out.exists() and any(out.iterdir()):
+        return record
+    if out.exists() and any(p.name not in _TEMPORARY for p in out.iterdir()):
         raise SlimWhisperError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    return out, {"identity": identity, "arms": {}}
+    return {"identity": identity, "arms": {}}
+
+
+def _join_processes(device: str | None) -> None:
+    """Set up accelerate's process state as the training will (CPU processes join over gloo): made here with
+    the default (GPU) choice, a CPU run's processes would each believe they are alone."""
+    from accelerate import PartialState
+
+    PartialState(cpu=on_cpu(device))
 
 
 def _is_main() -> bool:
@@ -101,10 +121,17 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
+def _barrier() -> None:
+    """Wait for every process of a multi-process run (nothing to wait for in a single process)."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def _write_record(out: Path, record: dict) -> None:
     if not _is_main():
         return
-    tmp = out / f"{RUN_FILE}.tmp"
+    tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out / RUN_FILE)
 
@@ -125,9 +152,18 @@ def _train_arm(job: RecoveryJob, arm: str, model, processor, teacher, source, pa
     if _is_main():
         if source is not None:
             model.config.slimwhisper_source = source  # the fine-tuned model still names its original
-        model.save_pretrained(out / arm)
-        save_processor(processor, out / arm)
+        _save_atomically(model, processor, out / arm)
     return {**result.to_dict(), "finished": True, "path": str(out / arm)}
+
+
+def _save_atomically(model, processor, target: Path) -> None:
+    """Save into a hidden sibling, then rename it into place: a kill never leaves a half-written model."""
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    save_processor(processor, tmp)
+    shutil.rmtree(target, ignore_errors=True)  # a model saved before a kill that came before the record
+    os.replace(tmp, target)
 
 
 def recover(job: RecoveryJob) -> dict:
@@ -135,6 +171,7 @@ def recover(job: RecoveryJob) -> dict:
     from .. import load
 
     config = job.config
+    _join_processes(job.device)
     out, record = _prepare_out(job)
     for source in [job.train] if isinstance(job.train, str) else job.train:
         if not Path(source).expanduser().exists():
@@ -148,6 +185,7 @@ def recover(job: RecoveryJob) -> dict:
     teacher, _, teacher_info = load_teacher(source, job.teacher, job.device) if need_original else (None, None, None)
     out.mkdir(parents=True, exist_ok=True)
     record.update(source=source, teacher=teacher_info, converted_paths=list(paths), environment=_environment())
+    _write_record(out, record)  # before any training: a run killed in its first arm is recognised and resumed
     started = time.perf_counter()
     for arm in ARMS if job.control else ARMS[:1]:
         if record["arms"].get(arm, {}).get("finished") and (out / arm / "config.json").is_file():
@@ -195,6 +233,8 @@ def write_loss_plot(out: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, out / "loss.png")
     return out / "loss.png"

@@ -4,7 +4,10 @@ One optimizer step = `batch_size` utterances, drawn in a fixed order (a seeded p
 pure function of the step), split over processes and micro-batches. Checkpoints hold the trainable
 tensors, the optimizer, the RNG states and the step; the data order and the learning rate are functions
 of the step, so a resumed run takes exactly the same steps as an uninterrupted one.
-Only the main process writes files (cache, log, checkpoints).
+Each step's loss is normalised by the labelled tokens of the whole step, so any number of processes and
+micro-batches gives the gradient of one process holding the whole batch.
+Only the main process writes files (cache, log, checkpoints); every file is written atomically, so a run
+killed at any point (SIGKILL included) resumes to the uninterrupted result.
 """
 from __future__ import annotations
 
@@ -48,11 +51,13 @@ from .data import (
     teacher_transcripts,
     weights_fingerprint,
 )
-from .losses import combined_loss, lr_factor
+from .losses import IGNORE_INDEX, combined_loss, lr_factor
 
 LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "time")
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
+# Test hook only: seconds to pause inside each checkpoint write, so a test can SIGKILL a run mid-write.
+SLOW_CHECKPOINT_ENV = "SLIMWHISPER_TEST_SLOW_CHECKPOINT"
 
 
 @dataclass
@@ -67,6 +72,7 @@ class TrainResult:
     skipped: dict = field(default_factory=dict)
     last: dict = field(default_factory=dict)  # the last logged row
     encoder_cached: bool = True
+    processes: int = 1  # processes that shared each step (1 unless launched by accelerate / torchrun)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,18 +153,36 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, names: Sequence
     from safetensors.torch import save_file
 
     params = dict(model.named_parameters())
-    tmp = work_dir / f"{CHECKPOINT}.tmp"
+    tmp, final, old = (work_dir / f"{CHECKPOINT}{suffix}" for suffix in (".tmp", "", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+    _test_pause()  # test hook: a kill here leaves a half-written checkpoint.tmp
     torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
     (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-    final = work_dir / CHECKPOINT
-    old = work_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)  # os.replace cannot move a folder onto a non-empty one
     if final.exists():
         os.replace(final, old)
+        _test_pause()  # test hook: a kill here leaves only checkpoint.old and the finished checkpoint.tmp
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _test_pause() -> None:
+    """Test hook (SLIMWHISPER_TEST_SLOW_CHECKPOINT=seconds): widen the checkpoint write so a kill can land in it."""
+    seconds = float(os.environ.get(SLOW_CHECKPOINT_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def settle_checkpoint(work_dir: Path) -> None:
+    """Repair what a kill inside `save_checkpoint` left: the previous checkpoint comes back from `.old` when the
+    rename of the new one did not happen; a half-written `.tmp` is dropped (its steps are redone)."""
+    final, old, tmp = (work_dir / f"{CHECKPOINT}{suffix}" for suffix in ("", ".old", ".tmp"))
+    if not final.exists() and (old / "state.json").is_file():
+        os.replace(old, final)  # killed between the two renames: `.old` is the last complete checkpoint
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(work_dir: Path, model: nn.Module, optimizer: Any, meta: dict) -> int:
@@ -185,22 +209,28 @@ def load_checkpoint(work_dir: Path, model: nn.Module, optimizer: Any, meta: dict
 
 
 class LossLog:
-    """CSV of one row per step, appended and flushed as training goes; a resume drops rows past the checkpoint."""
+    """CSV of one row per step, appended and flushed as training goes; a resume drops rows past the checkpoint
+    (they are trained again), so every step appears once."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.last: dict = {}  # the last row kept, so a resumed run that has no step left still reports it
         if not enabled:
             return
         rows = []
         if resume_step and path.is_file():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        self.last = {k: (int(v) if k == "step" else float(v)) for k, v in rows[-1].items()} if rows else {}
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:  # a kill while rewriting must not lose the kept rows
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, path)
 
     def append(self, row: dict) -> None:
+        self.last = row
         if self.enabled:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
@@ -241,7 +271,8 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
 
 
 def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
-                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                pad_id: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one micro-batch as its share of the step's loss (token sums over the step's `tokens`)."""
     device = accelerator.device
     inputs, labels = collate(batch, pad_id)
     inputs, labels = inputs.to(device), labels.to(device)
@@ -258,21 +289,29 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
     with accelerator.autocast():
         logits = model(decoder_input_ids=inputs, **student_kwargs).logits
     return combined_loss(logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
-                         temperature=config.temperature)
+                         temperature=config.temperature, tokens=tokens)
+
+
+def labelled_tokens(items: Sequence[TrainItem]) -> int:
+    """Positions that carry a loss (every item has at least its EOT)."""
+    return sum(sum(1 for t in it.labels if t != IGNORE_INDEX) for it in items)
 
 
 def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int, sources: _Sources,
                 config: FinetuneConfig, accelerator, pad_id: int) -> torch.Tensor:
-    """One optimizer step over this process's share of the step's batch; returns this process's (loss, ce, kd)."""
+    """One optimizer step over this process's share of the step's batch; returns this process's share of the
+    step's (loss, ce, kd): the shares of all processes sum to the step's token means."""
     world = accelerator.num_processes
-    mine = batch_indices(step, config.batch_size, len(items), config.seed)[accelerator.process_index::world]
+    batch = batch_indices(step, config.batch_size, len(items), config.seed)
+    tokens = labelled_tokens([items[j] for j in batch])  # every process knows the whole batch: no all-reduce
+    mine = batch[accelerator.process_index::world]
     micro = [mine[i : i + config.micro_batch_size] for i in range(0, len(mine), config.micro_batch_size)]
     totals = torch.zeros(3, device=accelerator.device)
     for i, idx in enumerate(micro):
         with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():  # sync on the last only
-            loss, ce, kd = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id)
-            accelerator.backward(loss / len(micro))
-        totals += torch.stack([loss.detach(), ce.detach(), kd.detach()]) / len(micro)
+            loss, ce, kd = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
+            accelerator.backward(loss * world)  # DDP averages over processes; the step's loss is their sum
+        totals += torch.stack([loss.detach(), ce.detach(), kd.detach()])
     if config.clip_norm > 0:
         accelerator.clip_grad_norm_(params, config.clip_norm)
     optimizer.step()
@@ -327,24 +366,29 @@ def finetune(
     last, wall = _run_steps(run, start, end, elapsed, log, progress and main)
     return TrainResult(steps_done=max(end, start), wall_seconds=wall, resumed_from=start,
                        trainable_parameters=sum(p.numel() for p in run.params), n_train=len(items),
-                       skipped=report.to_dict() | {"source": source}, last=last,
-                       encoder_cached=run.sources.student is not None)
+                       skipped=report.to_dict() | {"source": source}, last=last or (log.last if log else {}),
+                       encoder_cached=run.sources.student is not None, processes=accelerator.num_processes)
 
 
 def _make_accelerator(config: FinetuneConfig, teacher: nn.Module | None, device: str | None) -> Any:
-    """The run's Accelerator, after refusing a missing teacher or a batch that does not split evenly."""
+    """The run's Accelerator, after refusing a missing teacher or a batch that does not split over the processes."""
     from accelerate import Accelerator
 
     if config.needs_teacher and teacher is None:
         raise SlimWhisperError("distillation and label-free training need the original model as teacher")
-    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    cpu = on_cpu(device)
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else config.mixed_precision)
     world = accelerator.num_processes
-    per_process = config.batch_size // world
-    if per_process * world != config.batch_size or per_process % min(config.micro_batch_size, per_process):
-        raise SlimWhisperError(f"batch_size {config.batch_size} does not split over {world} processes and "
-                               f"micro-batches of {config.micro_batch_size}")
+    if config.batch_size % world:  # equal shares: every process runs the same number of synced steps
+        raise SlimWhisperError(f"--batch-size {config.batch_size} does not split over {world} processes; "
+                               f"give a multiple of {world}")
     return accelerator
+
+
+def on_cpu(device: str | None) -> bool:
+    """Whether to train on the CPU (asked for, or no GPU). It also picks the process group (gloo), and accelerate
+    sets that up once, for the first caller: whoever asks first must pass the same answer."""
+    return device == "cpu" or (device is None and not torch.cuda.is_available())
 
 
 def _work_dir(work_dir: str | os.PathLike | None, main: bool) -> Path | None:
@@ -369,8 +413,9 @@ def _train_items(model: nn.Module, train_data: Any, config: FinetuneConfig, proc
     texts = None
     if config.label_free:
         teacher.to(accelerator.device)
-        texts = teacher_transcripts(teacher, processor, pairs, cache_dir, config.language,
-                                    batch_size=config.micro_batch_size, progress=progress and main)
+        with accelerator.main_process_first():  # the others read the main process's cached transcripts
+            texts = teacher_transcripts(teacher, processor, pairs, cache_dir, config.language,
+                                        batch_size=config.micro_batch_size, progress=progress and main)
     items = build_items(pairs, model, processor.tokenizer, texts, config.language, config.max_label_tokens)
     return items, report, source
 
@@ -415,6 +460,9 @@ def _prepare_run(model: nn.Module, teacher: nn.Module | None, processor: Any, it
     names, params, optimizer = _trainable_setup(model, teacher, config, scope_paths, accelerator)
     model.to(accelerator.device)
     meta = {"config": config.to_dict(), "trainable": names, "data_fingerprint": data_fingerprint(items)}
+    if work is not None and accelerator.is_main_process:
+        settle_checkpoint(work)
+    accelerator.wait_for_everyone()  # every process then reads the same checkpoint
     start = load_checkpoint(work, model, optimizer, meta) if work is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -425,7 +473,7 @@ def _prepare_run(model: nn.Module, teacher: nn.Module | None, processor: Any, it
 def _run_steps(run: _Run, start: int, end: int, elapsed: float, log: LossLog | None,
                progress: bool) -> tuple[dict, float]:
     """Train steps `start` to `end`, logging each and checkpointing every `checkpoint_every` and at `end`;
-    returns the last log row (empty when no step ran) and the run's wall seconds, earlier sessions included."""
+    returns the last log row (empty when no step ran) and the wall seconds, interrupted earlier runs included."""
     from tqdm.auto import tqdm
 
     config, accelerator = run.config, run.accelerator
@@ -449,7 +497,7 @@ def _run_steps(run: _Run, start: int, end: int, elapsed: float, log: LossLog | N
 
 
 def _logged_step(run: _Run, step: int, elapsed: float, t0: float) -> dict:
-    """One optimizer step at the schedule's learning rate; returns its log row (losses averaged over processes)."""
+    """One optimizer step at the schedule's learning rate; returns its log row (the losses of the whole batch)."""
     config = run.config
     lr = config.lr * lr_factor(step, config.steps, config.warmup, config.schedule, config.min_lr_ratio,
                                config.decay_fraction)
@@ -457,7 +505,7 @@ def _logged_step(run: _Run, step: int, elapsed: float, t0: float) -> dict:
         group["lr"] = lr
     totals = _train_step(run.model, run.optimizer, run.params, run.items, step, run.sources, config,
                          run.accelerator, run.pad_id)
-    totals = run.accelerator.reduce(totals, reduction="mean")
+    totals = run.accelerator.reduce(totals, reduction="sum")  # each process returned its share
     return {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
             "time": round(elapsed + time.perf_counter() - t0, 2)}
 

@@ -1,4 +1,4 @@
-"""The data layer: every layout reader, layout detection, skip reporting and the 30-s policies."""
+"""data/readers.py: every layout reader, layout detection, skip reporting and language options."""
 from __future__ import annotations
 
 import json
@@ -8,28 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from slimwhisper.data import (
-    Sample,
-    SkipReport,
-    detect_layout,
-    iter_audio,
-    load_sample_audio,
-    normalize_language,
-    open_dataset,
-)
+from conftest import write_tone
+from slimwhisper.data import Sample, detect_layout, load_sample_audio, open_dataset
 from slimwhisper.errors import AudioError, SlimWhisperError
-
-
-def tone(seconds: float, rate: int = 16_000, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    return wave if channels == 1 else np.stack([wave] * channels, axis=1)
-
-
-def write(path: Path, seconds: float = 0.5, rate: int = 16_000, channels: int = 1) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), tone(seconds, rate, channels), rate)
-    return path
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -37,13 +18,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- layouts
-
-
 def test_librispeech_tree_reads_transcripts_and_reports_missing_audio(tmp_path: Path) -> None:
     chapter = tmp_path / "LibriSpeech" / "test-clean" / "1089" / "134686"
-    write(chapter / "1089-134686-0000.flac")
-    write(chapter / "1089-134686-0001.flac", seconds=1.0)
+    write_tone(chapter / "1089-134686-0000.flac")
+    write_tone(chapter / "1089-134686-0001.flac", seconds=1.0)
     (chapter / "1089-134686.trans.txt").write_text(
         "1089-134686-0000 HE HOPED THERE WOULD BE STEW\n1089-134686-0001 STUFF IT INTO YOU\n"
         "1089-134686-0002 THIS ONE HAS NO AUDIO\n"
@@ -59,8 +37,8 @@ def test_librispeech_tree_reads_transcripts_and_reports_missing_audio(tmp_path: 
 
 
 def test_jsonl_manifest_relative_paths_and_every_kind_of_bad_entry(tmp_path: Path) -> None:
-    write(tmp_path / "a" / "good.flac")
-    write(tmp_path / "stereo.wav", rate=44_100, channels=2)
+    write_tone(tmp_path / "a" / "good.flac")
+    write_tone(tmp_path / "stereo.wav", rate=44_100, channels=2)
     sf.write(str(tmp_path / "empty.wav"), np.zeros(0, dtype=np.float32), 16_000)
     (tmp_path / "junk.flac").write_bytes(b"not audio at all" * 10)
     manifest = write_jsonl(tmp_path / "manifest.jsonl", [
@@ -91,7 +69,7 @@ def test_jsonl_manifest_relative_paths_and_every_kind_of_bad_entry(tmp_path: Pat
 
 
 def test_strict_mode_raises_on_the_first_bad_entry(tmp_path: Path) -> None:
-    write(tmp_path / "ok.flac")
+    write_tone(tmp_path / "ok.flac")
     rows = [{"audio": "ok.flac", "text": "a"}, {"audio": "gone.flac", "text": "b"}]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     with pytest.raises(AudioError, match="gone.flac"):
@@ -100,8 +78,8 @@ def test_strict_mode_raises_on_the_first_bad_entry(tmp_path: Path) -> None:
 
 def test_common_voice_folder_uses_locale_or_folder_name(tmp_path: Path) -> None:
     lang_dir = tmp_path / "cv-corpus-17.0" / "de"
-    write(lang_dir / "clips" / "common_voice_de_1.mp3")
-    write(lang_dir / "clips" / "common_voice_de_2.wav")
+    write_tone(lang_dir / "clips" / "common_voice_de_1.mp3")
+    write_tone(lang_dir / "clips" / "common_voice_de_2.wav")
     header = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment\n"
     (lang_dir / "test.tsv").write_text(
         header + 'abc\tcommon_voice_de_1.mp3\tEin "Satz".\t2\t0\t\t\t\tde\t\n'
@@ -113,7 +91,7 @@ def test_common_voice_folder_uses_locale_or_folder_name(tmp_path: Path) -> None:
     assert [(s.id, s.text, s.language) for s in ds] == [
         ("common_voice_de_1", 'Ein "Satz".', "de"), ("common_voice_de_2", "Noch einer", "de")]
     assert [s.text for s in open_dataset(lang_dir, split="dev")] == ["Dev"]
-    assert len(open_dataset(lang_dir / "test.tsv")) == 2
+    assert [s.id for s in open_dataset(lang_dir / "test.tsv")] == ["common_voice_de_1", "common_voice_de_2"]
     bad = tmp_path / "bad.tsv"
     bad.write_text("a\tb\n1\t2\n")
     with pytest.raises(SlimWhisperError, match="Common Voice"):
@@ -121,8 +99,8 @@ def test_common_voice_folder_uses_locale_or_folder_name(tmp_path: Path) -> None:
 
 
 def test_audio_folder_with_metadata_csv(tmp_path: Path) -> None:
-    write(tmp_path / "clips" / "one.wav")
-    write(tmp_path / "clips" / "two.flac")
+    write_tone(tmp_path / "clips" / "one.wav")
+    write_tone(tmp_path / "clips" / "two.flac")
     (tmp_path / "metadata.csv").write_text(
         'file_name,transcription,language\nclips/one.wav,"Hello, world",en\nclips/two.flac,Bonjour,fr\n'
     )
@@ -136,7 +114,7 @@ def test_audio_folder_with_metadata_csv(tmp_path: Path) -> None:
 
 
 def test_language_option_fills_only_unlabelled_samples(tmp_path: Path) -> None:
-    write(tmp_path / "x.flac")
+    write_tone(tmp_path / "x.flac")
     m = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "audio": "x.flac", "text": "t"},
                                            {"id": "b", "audio": "x.flac", "text": "t", "lang": "fr"}])
     assert [s.language for s in open_dataset(m, language="de")] == ["de", "fr"]
@@ -145,25 +123,6 @@ def test_language_option_fills_only_unlabelled_samples(tmp_path: Path) -> None:
     assert [s.id for s in open_dataset(m, keep_language="fr", language="de")] == ["b"]
     with pytest.raises(SlimWhisperError, match="no usable samples in language 'ru'"):
         open_dataset(m, keep_language="ru", language="de")
-
-
-def test_hf_saved_dataset_writes_audio_once_to_the_cache(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
-    paths = [str(write(tmp_path / "src" / f"{i}.flac", seconds=0.25 * (i + 1))) for i in range(3)]
-    ds = datasets.Dataset.from_dict(
-        {"audio": paths, "sentence": ["one", "two", "three"], "locale": ["en", "de", "zh-CN"], "id": ["a", "b", "c"]}
-    ).cast_column("audio", datasets.Audio())
-    datasets.DatasetDict({"test": ds, "train": ds}).save_to_disk(str(tmp_path / "hf"))
-    cache = tmp_path / "cache"
-    out = open_dataset(tmp_path / "hf", cache_dir=cache)
-    assert out.layout == "hf_disk"
-    assert [(s.id, s.text, s.language) for s in out] == [("a", "one", "en"), ("b", "two", "de"), ("c", "three", "zh")]
-    assert all(s.audio.is_relative_to(cache) and s.audio.suffix == ".flac" for s in out)
-    assert out.samples[2].duration == pytest.approx(0.75)
-    mtimes = [s.audio.stat().st_mtime_ns for s in out]
-    again = open_dataset(tmp_path / "hf", cache_dir=cache, split="train")
-    assert len(again) == 3
-    assert [s.audio.stat().st_mtime_ns for s in open_dataset(tmp_path / "hf", cache_dir=cache)] == mtimes
 
 
 def test_detection_errors_say_what_was_expected(tmp_path: Path) -> None:
@@ -177,42 +136,3 @@ def test_detection_errors_say_what_was_expected(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "m.jsonl", [{"audio": "missing.flac", "text": "t"}])
     with pytest.raises(SlimWhisperError, match="no usable samples.*1 missing"):
         open_dataset(tmp_path)
-
-
-# --------------------------------------------------------------------------- audio and the 30-s limit
-
-
-def test_long_clip_policies_are_explicit(tmp_path: Path) -> None:
-    long = Sample("long", write(tmp_path / "long.flac", seconds=31.0), "t", "en", 31.0)
-    short = Sample("short", write(tmp_path / "short.flac", seconds=1.0), "t", "en", 1.0)
-    assert len(load_sample_audio(long, on_long="keep")) == 31 * 16_000
-    assert len(load_sample_audio(long, on_long="truncate")) == 30 * 16_000
-    assert load_sample_audio(long, on_long="skip") is None
-    with pytest.raises(AudioError, match="longer than 30 s"):
-        load_sample_audio(long, on_long="error")
-    with pytest.raises(SlimWhisperError, match="long-audio policy"):
-        load_sample_audio(short, on_long="cut")  # type: ignore[arg-type]
-    report = SkipReport()
-    gone = Sample("gone", tmp_path / "gone.flac", "t")
-    got = list(iter_audio([long, gone, short], report=report, on_long="skip"))
-    assert [s.id for s, _ in got] == ["short"]
-    assert report.by_reason() == {"missing": 1, "too long": 1}
-    with pytest.raises(AudioError):
-        list(iter_audio([gone], report=SkipReport(), on_error="raise"))
-
-
-@pytest.mark.parametrize("code,expected", [("en-US", "en"), ("zh_CN", "zh"), (" DE ", "de"), ("", None), (None, None),
-                                           ("yue", "yue")])
-def test_normalize_language(code: str | None, expected: str | None) -> None:
-    assert normalize_language(code) == expected
-
-
-def test_skip_report_counts_by_reason() -> None:
-    r = SkipReport()
-    assert r.describe() == "skipped none"
-    r.add("a", "missing")
-    r.add("b", "missing")
-    r.add("c", "empty", "c.wav: no samples")
-    assert r.describe() == "skipped 3 utterances: 1 empty, 2 missing"
-    assert r.to_dict()["by_reason"] == {"empty": 1, "missing": 2}
-    assert r.ids == {"a", "b", "c"}

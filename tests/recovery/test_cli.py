@@ -1,0 +1,32 @@
+"""`slimwhisper finetune`: bad input exits 2 with one line."""
+from __future__ import annotations
+
+import slimwhisper as sw
+from conftest import tiny_pair, write_clips
+from slimwhisper.cli import main
+from slimwhisper.loading.processor import save_processor
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_errors(capsys, tmp_path):
+    manifest = write_clips(tmp_path / "data", n=2)
+    # a compressed model with no recorded original and KD on
+    model, processor = tiny_pair(False)
+    converted = sw.convert(model, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))
+    converted.config.slimwhisper_source = None
+    lost = tmp_path / "lost"
+    converted.save_pretrained(lost)
+    save_processor(processor, lost)
+    code, _, err = cli(capsys, "finetune", str(lost), "--train", str(manifest), "--out", str(tmp_path / "o1"))
+    assert code == 2 and "--teacher" in err
+    code, _, err = cli(capsys, "finetune", str(lost), "--train", str(tmp_path / "nope.jsonl"), "--out",
+                       str(tmp_path / "o2"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = cli(capsys, "finetune", str(lost), "--train", str(manifest), "--out", str(tmp_path / "o3"),
+                       "--batch-size", "6", "--micro-batch-size", "4")
+    assert code == 2 and "multiple" in err

@@ -1,0 +1,66 @@
+"""recovery/pipeline.py: `finetune` end to end with a control arm, its record, and reruns."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import slimwhisper as sw
+from conftest import tiny_pair, write_clips
+from slimwhisper.cli import main
+from slimwhisper.loading.processor import save_processor
+
+
+def saved_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """An 'original' HF directory and its MLA conversion, saved as the convert command would."""
+    original_dir, slim_dir = tmp_path / "orig", tmp_path / "slim"
+    model, processor = tiny_pair(False)
+    model.save_pretrained(original_dir)
+    save_processor(processor, original_dir)
+    loaded, processor = sw.load(original_dir)  # records slimwhisper_source (name, sha256)
+    converted = sw.convert(loaded, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))
+    converted.save_pretrained(slim_dir)
+    save_processor(processor, slim_dir)
+    return original_dir, slim_dir
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_end_to_end_model_and_control(capsys, tmp_path):
+    _, slim_dir = saved_pair(tmp_path)
+    manifest = write_clips(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    argv = ["finetune", str(slim_dir), "--train", str(manifest), "--control", "--out", str(out), "--steps", "2",
+            "--batch-size", "2", "--micro-batch-size", "2", "--warmup-steps", "0", "--cache-dir",
+            str(tmp_path / "cache"), "--quiet"]
+    code, text, err = cli(capsys, *argv)
+    assert code == 0, err
+    printed = json.loads(text)
+    assert set(printed["arms"]) == {"model", "control"}
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["arms"]["model"]["steps_done"] == 2 and record["teacher"]["checked"]
+    assert (out / "loss.png").is_file() and (out / "work" / "control" / "loss.csv").is_file()
+    model, _ = sw.load(out / "model")
+    control, _ = sw.load(out / "control")
+    slim_config = json.loads((slim_dir / "config.json").read_text())
+    assert model.config.compression == slim_config["compression"]
+    assert "mla" not in (getattr(control.config, "compression", None) or {})
+    # the default scope trains the whole decoder of both arms, and nothing else
+    original, _ = sw.load(tmp_path / "orig")
+    changed = {n for n, p in control.named_parameters() if not torch.equal(p, original.state_dict()[n])}
+    assert all(n.startswith("model.decoder.") for n in changed) and any(".fc1." in n for n in changed)
+    code, _, err = cli(capsys, "info", str(out / "model"), "--json")
+    assert code == 0, err
+    # the same command again: nothing is retrained
+    mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+    # another recipe in the same directory is refused
+    code, _, err = cli(capsys, *[a if a != "2" else "3" for a in argv])
+    assert code == 2 and "other settings" in err

