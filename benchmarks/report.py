@@ -116,8 +116,25 @@ def render_encoder(name: str, r: dict) -> str:
         ["model", "ms per pass", "speedup vs baseline", "encoder params vs baseline"], rows)
 
 
+def render_kv_plan(name: str, r: dict) -> str:
+    """bench kv --geometry: the memory plan of a released size, without weights."""
+    rows = []
+    for model, plans in r["plans"].items():
+        for cache, e in plans.items():
+            rows.append([f"`{model}`", cache, gib(e["weight_bytes"]), f"{e['cache_bytes_per_sequence'] / 2**20:.1f}",
+                         f"{e['activation_bytes_per_sequence'] / 2**20:.1f}", e["largest_batch"]])
+    mla = r["mla"]
+    recipe = f"{', '.join(mla['modules'])} at {mla['kv_reduction']:g} KV reduction"
+    header = ["model", "cache", "weights GiB (fp16)", "cache MiB per sequence", "activations MiB per sequence",
+              "largest batch"]
+    return (f"`{r['geometry']}` geometry, no weights needed; compressed = {recipe}; budget "
+            f"{r['budget_bytes'] / 2**30:g} GiB at {r['tokens']} tokens (`{name}`).\n\n" + table(header, rows))
+
+
 def render_kv(name: str, r: dict) -> str:
     """bench kv: cache bytes and the largest batch in a budget."""
+    if "plans" in r:
+        return render_kv_plan(name, r)
     rows = []
     for model, e in r["models"].items():
         fit = e["max_batch_in_budget"]
@@ -215,7 +232,15 @@ def render_readme_block(found: dict[str, list[tuple[str, dict]]]) -> str:
             for name, r in found["longform"]]
     header = ["recording", "audio", "WER engine", "WER engine int8", "WER generate", "WER faster-whisper batched",
               "time int8 batched", "time int8 sequential"]
-    return table(header, rows)
+    long_form = "Long recordings:\n\n" + table(header, rows)
+    if not found.get("e2e"):
+        return long_form
+    systems = ("slimwhisper_fp32", "slimwhisper", "hf_generate", "faster_whisper_int8")
+    rows = [[name, f"{r['audio_seconds']:.0f} s", *(pct(r["wer"].get(k)) for k in systems),
+             ratio(r, "slimwhisper", "faster_whisper_int8")] for name, r in found["e2e"]]
+    header = ["clips", "audio", "WER engine", "WER engine int8", "WER generate", "WER faster-whisper int8",
+              "time int8 vs faster-whisper int8"]
+    return long_form + "\n\nShort clips (each at most 30 s):\n\n" + table(header, rows)
 
 
 def update_readme(text: str, found: dict[str, list[tuple[str, dict]]]) -> str:
