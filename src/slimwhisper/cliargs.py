@@ -29,10 +29,10 @@ def resolve_model(args: argparse.Namespace) -> None:
     """Merge the positional model and `--model` into `args.model`; refuse two different ones or none."""
     option = getattr(args, "model_option", None)
     if option is not None:
-        if args.model is not None and args.model != option:
+        if getattr(args, "model", None) is not None and args.model != option:
             raise SlimWhisperError(f"two models given ({args.model} and --model {option}); give one")
         args.model = option
-    if args.model is None and getattr(args, "model_required", False):
+    if getattr(args, "model", None) is None and getattr(args, "model_required", False):
         raise SlimWhisperError(_no_model_hint(args))
 
 

@@ -109,13 +109,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench calibrate`."""
     p = subparsers.add_parser("calibrate", help="peak memory of compress-encoder calibration vs layers",
                               description=" ".join(__doc__.split("\n\n")[2].split()))
-    p.add_argument("--geometry", default="large-v3", choices=tuple(GEOMETRIES), help="released size (default "
-                   "large-v3), built with random weights")
+    p.add_argument("model", nargs="?", metavar="SIZE", help="released size, as --geometry (the model-first form)")
+    p.add_argument("--geometry", choices=tuple(GEOMETRIES), help="released size (default large-v3), built with "
+                   "random weights")
     p.add_argument("--layers", nargs="+", type=int, default=[1, 2, 4], help="layer counts, each in its own process")
     p.add_argument("--seconds", type=float, default=4.0, help="synthetic calibration audio (default 4 s)")
     p.add_argument("--stats-budget-gib", type=float, default=2.0, help="statistics held at once (as compress-encoder)")
     add_result_args(p)
-    p.set_defaults(model=None)  # no model argument: the geometry is built here
     return p
 
 
@@ -127,6 +127,12 @@ def _child(args: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None and args.model not in GEOMETRIES:
+        raise SlimWhisperError(f"bench calibrate builds a released size with random weights; name one of "
+                               f"{', '.join(GEOMETRIES)}, e.g. `slimwhisper bench calibrate large-v3`")
+    if args.model is not None and args.geometry not in (None, args.model):
+        raise SlimWhisperError(f"two sizes given ({args.model} and --geometry {args.geometry}); give one")
+    args.geometry = args.model or args.geometry or "large-v3"
     if any(n < 1 for n in args.layers) or args.seconds <= 0 or args.stats_budget_gib <= 0:
         raise SlimWhisperError("--layers, --seconds and --stats-budget-gib must be positive, e.g. --layers 1 2 4")
     budget = int(args.stats_budget_gib * 2**30)
