@@ -17,6 +17,7 @@ from ..cliargs import (
     add_out,
     add_quiet,
     output_folder,
+    positive_int,
     resolve_device,
     resolve_model,
 )
@@ -51,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N samples only (after --language)")
     p.add_argument("--split", help="split of a Common Voice folder or a saved DatasetDict (default: test)")
     add_batch_size(p, 8, "utterances decoded together")
-    p.add_argument("--beams", type=int, default=1, help="beam size; 1 = greedy (default)")
+    p.add_argument("--beams", type=positive_int, default=1, help="beam size; 1 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per 30-s window")
     p.add_argument("--engine", choices=ENGINES, default="fast",
                    help="fast: the engine, as `slimwhisper transcribe` runs it (default); generate: transformers' "
