@@ -113,3 +113,20 @@ def test_normalised_references_are_recognised():
     assert looks_normalised(["i am from the cutter", "don't cry he said", "HELLO WORLD"])
     assert not looks_normalised(["I am from the cutter.", "Don't cry, he said.", "Hello world!"])
     assert not looks_normalised(["", "  "])  # nothing to judge
+
+
+def test_encoder_cache_sweeps_only_stale_temporary_files(tmp_path):
+    """A killed write leaves `key.tmp-*`; a later cache removes it once it is old, never a fresh one or an entry."""
+    import os
+    import time
+
+    from slimwhisper.recovery.data import STALE_TMP_SECONDS, EncoderCache
+
+    cache = EncoderCache(tmp_path, "fp")
+    cache.put("abcd", torch.ones(2, 3))
+    stale, fresh = cache.dir / "ab" / "abcd.tmp-11111111", cache.dir / "ab" / "abce.tmp-22222222"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    old = time.time() - STALE_TMP_SECONDS - 10
+    os.utime(stale, (old, old))
+    EncoderCache(tmp_path, "fp")
+    assert not stale.exists() and fresh.exists() and cache.has("abcd")

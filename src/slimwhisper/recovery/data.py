@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -164,6 +165,20 @@ def default_cache_dir() -> Path:
     return cache_root() / "encoder-outputs"
 
 
+STALE_TMP_SECONDS = 3600  # older than any write: a run killed mid-write left it
+
+
+def sweep_stale_tmp(folder: Path) -> None:
+    """Remove `*.tmp-*` files a killed run left mid-write (they never sit under a final name, but take space)."""
+    now = time.time()
+    for tmp in folder.glob("*/*.tmp-*") if folder.is_dir() else ():
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:  # another process removed or is finishing it
+            pass
+
+
 class EncoderCache:
     """float16 encoder outputs on disk: `<root>/<encoder fingerprint>/<hash[:2]>/<hash>.pt`, written atomically."""
 
@@ -171,6 +186,7 @@ class EncoderCache:
         self.dir = Path(root).expanduser() if root is not None else default_cache_dir()
         self.dir = self.dir / fingerprint
         self.fingerprint = fingerprint
+        sweep_stale_tmp(self.dir)
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.pt"
