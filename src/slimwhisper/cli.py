@@ -66,6 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         selection=args.selection,
         factorization=args.factorization,
         damping=args.damping,
+        allocation=args.allocation,
     )
     out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
     _check_calibration(args)
@@ -270,6 +271,10 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factorization", default="activation", choices=["activation", "joint", "split"])
     p.add_argument("--damping", type=float, default=0.1, help="activation-aware ridge (default 0.1; lower it "
                    "for calibration sets of thousands of utterances)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
+                   help="uniform: one latent width for all (default); greedy: --kv-reduction is a budget on one "
+                   "utterance's total cache bytes, widths chosen per module by measured error per byte (needs "
+                   "calibration audio)")
     _add_job_args(p, "output directory (HF model + processor)")
     p.set_defaults(func=cmd_convert)
 

@@ -25,6 +25,11 @@ class KVCacheBytes:
         return self.self_attention + self.cross_attention
 
 
+def module_cached_numbers(d_model: int, latent_dim: int | None = None, kept_total: int = 0) -> int:
+    """Numbers one attention module caches per position: 2 * d_model as MHA (latent_dim None), else d_c + kept dims."""
+    return 2 * d_model if latent_dim is None else latent_dim + kept_total
+
+
 def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
     """Numbers cached per token (self) or per encoder frame (cross), summed over decoder layers."""
     layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
@@ -32,9 +37,10 @@ def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
     for i in range(config.decoder_layers):
         geometry = layers.get(f"model.decoder.layers.{i}.{module}")
         if geometry is None:
-            total += 2 * config.d_model
+            total += module_cached_numbers(config.d_model)
         else:
-            total += geometry["latent_dim"] + sum(len(row) for row in geometry["kept_dims"])
+            kept = sum(len(row) for row in geometry["kept_dims"])
+            total += module_cached_numbers(config.d_model, geometry["latent_dim"], kept)
     return total
 
 

@@ -144,3 +144,53 @@ def _transcribe(runner, encoded, max_new_tokens: int) -> torch.Tensor:
     length = max(len(r) for r in rows)
     hidden = encoded.last_hidden_state
     return torch.tensor([r + [eot] * (length - len(r)) for r in rows], dtype=torch.long, device=hidden.device)
+
+
+@torch.no_grad()
+def logit_sensitivity(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    targets: dict[str, tuple[nn.Module, str]],
+    replacements: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    max_new_tokens: int = 128,
+) -> dict[str, float]:
+    """Mean KL(original || changed) of the next-token distribution per real decoder token, per module.
+
+    Each module in turn gets the (k_proj, v_proj) weights of `replacements` while all others stay
+    original, on the model's own greedy transcripts of the calibration audio. That measures what a
+    reconstruction error in that module does to the output, which its local error alone cannot tell
+    (an early decoder layer's error travels through every later one). Weights are restored after.
+    """
+    from ..engine.decode import DecoderRunner
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    was_training = model.training
+    model.eval()
+    runner = DecoderRunner(model)
+    data = []
+    for features in batches:
+        features = features.to(device=device, dtype=dtype)
+        encoded = model.get_encoder()(features)
+        sequences = _transcribe(runner, encoded, max_new_tokens)
+        ref = model(encoder_outputs=encoded, decoder_input_ids=sequences, use_cache=False).logits.float()
+        data.append((features, encoded, sequences, valid_token_mask(sequences, eos), ref.log_softmax(-1)))
+    result = {}
+    try:
+        for name, (module, kind) in targets.items():
+            saved = module.k_proj.weight.data, module.v_proj.weight.data
+            module.k_proj.weight.data, module.v_proj.weight.data = (t.to(saved[0]) for t in replacements[name])
+            try:
+                total, count = 0.0, 0
+                for features, encoded, sequences, mask, ref in data:
+                    enc = model.get_encoder()(features) if kind == "encoder_self" else encoded
+                    out = model(encoder_outputs=enc, decoder_input_ids=sequences, use_cache=False).logits.float()
+                    kl = (ref.exp() * (ref - out.log_softmax(-1))).sum(-1)
+                    total, count = total + float(kl[mask].sum()), count + int(mask.sum())
+            finally:
+                module.k_proj.weight.data, module.v_proj.weight.data = saved
+            result[name] = total / max(count, 1)
+    finally:
+        model.train(was_training)
+    return result

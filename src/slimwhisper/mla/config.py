@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from ..errors import ConfigVersionError, SlimWhisperError
 from ..recipe import Recipe
 
-MLA_FORMAT_VERSION = 1
+# 2 added `allocation`; a version-1 recipe has none and reads as "uniform", which is what it did.
+MLA_FORMAT_VERSION = 2
 
 # Which attention modules can be converted, and where they live in a HF Whisper model.
 MODULE_KINDS = ("decoder_self", "decoder_cross", "encoder_self")
 SELECTIONS = ("uniform", "high", "low", "2norm")
 FACTORIZATIONS = ("activation", "joint", "split")
+ALLOCATIONS = ("uniform", "greedy")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class MLAConfig(Recipe):
         factorization: "activation" (default: joint SVD weighted by the layer inputs' second moment
             on calibration audio), "joint" (SVD of [W_k rows not kept; W_v], weights only, as the
             paper) or "split" (separate SVDs of the key and value parts, half the latent each).
+        allocation: how `kv_reduction` is spread: "uniform" (the paper: every module the same d_c) or
+            "greedy" (the reduction is a budget on the total cache bytes of one utterance, 448 decoder
+            tokens and 1500 encoder frames, over all converted modules; each module's width is grown
+            where it removes the most reconstruction error per cached byte, the error weighted by the
+            module's output sensitivity measured on calibration audio; `allocate.py`, docs/mla.md).
         damping: for "activation": ridge added to the input second moment, as a fraction of its mean
             eigenvalue, so directions the calibration audio rarely excites keep some weight. The decoder
             sees only a few hundred tokens in the bundled clips (fewer rows than d_model), and too little
@@ -62,6 +69,7 @@ class MLAConfig(Recipe):
     selection: str = "uniform"
     factorization: str = "activation"
     damping: float = 0.1
+    allocation: str = "uniform"
     version: int = field(default=MLA_FORMAT_VERSION)
     recipe_name = "MLA recipe"
 
@@ -99,11 +107,20 @@ class MLAConfig(Recipe):
             raise SlimWhisperError(
                 f"unknown factorization {self.factorization!r}; choose from {', '.join(FACTORIZATIONS)}"
             )
+        if self.allocation not in ALLOCATIONS:
+            raise SlimWhisperError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.allocation == "greedy" and self.kv_reduction is None:
+            raise SlimWhisperError("allocation 'greedy' spreads a cache budget: give kv_reduction (e.g. 0.875)")
+        if self.allocation == "greedy" and self.factorization == "split":
+            # split truncates two spectra at fixed halves, so one joint spectrum would misprice its widths
+            raise SlimWhisperError("allocation 'greedy' prices widths on the joint spectrum; use factorization "
+                                   "'activation' or 'joint'")
 
     @property
     def needs_calibration(self) -> bool:
         """Whether conversion needs statistics measured on calibration audio."""
-        return self.factorization == "activation" or (self.kept_dims > 0 and self.selection == "2norm")
+        return (self.factorization == "activation" or (self.kept_dims > 0 and self.selection == "2norm")
+                or self.allocation == "greedy")
 
     def latent_width(self, d_model: int, num_heads: int) -> int:
         """The latent width d_c for a module of this size; validated against the geometry."""

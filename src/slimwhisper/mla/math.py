@@ -81,10 +81,28 @@ def low_rank_projection(
         down [rank, d_in] and up [d_out, rank], in float64.
     """
     w = weight.double()
-    target = w if second_moment is None else w @ psd_sqrt(second_moment.double())
-    u, _, _ = torch.linalg.svd(target, full_matrices=False)
+    u, _, _ = torch.linalg.svd(weighted_target(w, second_moment), full_matrices=False)
     up = u[:, :rank]
     return up.T @ w, up
+
+
+def weighted_target(weight: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """W M^{1/2} in float64 (W itself when M is None): the matrix whose SVD `low_rank_projection` truncates.
+
+    Shared with `kv_spectrum` so the widths a budget allocates are judged on exactly the matrix that
+    the conversion then factorises.
+    """
+    w = weight.double()
+    return w if second_moment is None else w @ psd_sqrt(second_moment.double())
+
+
+def kv_spectrum(w_kc: torch.Tensor, w_v: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values (descending, float64) of the joint weighted [W_kc; W_v] that `factorize_kv` truncates.
+
+    A latent of width r leaves E||([W_kc; W_v] - U D) x||^2 = sum_{i>r} sigma_i^2 (Eckart-Young), so
+    the spectrum alone prices every width, which is what a cache-budget allocation needs.
+    """
+    return torch.linalg.svdvals(weighted_target(torch.cat([w_kc, w_v]), second_moment))
 
 
 def factorize_kv(
