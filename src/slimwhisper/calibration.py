@@ -21,8 +21,8 @@ AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".m4a", ".aiff", ".a
 CalibrationSource = Union[None, str, Path, Sequence[Union[str, Path, np.ndarray]]]
 
 
-def calibration_audio(source: CalibrationSource, limit: int | None = None) -> list[np.ndarray]:
-    """Decode a calibration source into a list of 16 kHz mono windows (at most `limit` recordings)."""
+def calibration_items(source: CalibrationSource, limit: int | None = None) -> list:
+    """The recordings of a calibration source (paths or arrays, not yet decoded; at most `limit`)."""
     if source is None:
         from .assets import calibration_clips
 
@@ -31,8 +31,12 @@ def calibration_audio(source: CalibrationSource, limit: int | None = None) -> li
         items = _paths_in(Path(source))
     else:
         items = list(source)
-    if limit is not None:
-        items = items[:limit]
+    return items[:limit] if limit is not None else items
+
+
+def calibration_audio(source: CalibrationSource, limit: int | None = None) -> list[np.ndarray]:
+    """Decode a calibration source into a list of 16 kHz mono windows (at most `limit` recordings)."""
+    items = calibration_items(source, limit)
     windows: list[np.ndarray] = []
     for item in items:
         audio = item if isinstance(item, np.ndarray) else load_audio(item)

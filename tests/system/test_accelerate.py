@@ -20,6 +20,8 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file
 
+from .finetune_runs import save_slim_model
+
 pytestmark = pytest.mark.slow
 
 WORDS = "The quick brown fox jumps over the lazy dog, and then it runs far away into the woods.".split()
@@ -44,19 +46,8 @@ def write_varied_clips(folder: Path, n: int = 8) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A saved tiny original, its MLA conversion (which records the original) and 8 clips."""
-    import slimwhisper as sw
-    from conftest import tiny_pair
-    from slimwhisper.loading.processor import save_processor
-
     root = tmp_path_factory.mktemp("accelerate")
-    model, processor = tiny_pair(False)
-    model.save_pretrained(root / "orig")
-    save_processor(processor, root / "orig")
-    loaded, processor = sw.load(root / "orig")  # records slimwhisper_source (name, sha256)
-    converted = sw.convert(loaded, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))
-    converted.save_pretrained(root / "slim")
-    save_processor(processor, root / "slim")
-    return root, root / "slim", write_varied_clips(root / "data")
+    return root, save_slim_model(root), write_varied_clips(root / "data")
 
 
 def finetune_args(slim: Path, manifest: Path, out: Path, cache: Path) -> list[str]:

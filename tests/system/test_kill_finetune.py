@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from slimwhisper.recovery.train import SLOW_CHECKPOINT_ENV
 
+from .finetune_runs import save_slim_model
+
 pytestmark = pytest.mark.slow
 
 ARMS = ("model",)
@@ -33,19 +35,10 @@ PAUSE_S = "0.3"  # each checkpoint write sleeps this long, twice, in the killed 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A saved tiny original, its MLA conversion (which records the original) and 6 clips."""
-    import slimwhisper as sw
-    from conftest import tiny_pair, write_clips
-    from slimwhisper.loading.processor import save_processor
+    from conftest import write_clips
 
     root = tmp_path_factory.mktemp("kill-finetune")
-    model, processor = tiny_pair(False)
-    model.save_pretrained(root / "orig")
-    save_processor(processor, root / "orig")
-    loaded, processor = sw.load(root / "orig")  # records slimwhisper_source (name, sha256)
-    converted = sw.convert(loaded, sw.MLAConfig(kv_reduction=0.75, factorization="joint"))
-    converted.save_pretrained(root / "slim")
-    save_processor(processor, root / "slim")
-    return root, root / "slim", write_clips(root / "data", n=6)
+    return root, save_slim_model(root), write_clips(root / "data", n=6)
 
 
 def argv(slim: Path, manifest: Path, out: Path, cache: Path) -> list[str]:

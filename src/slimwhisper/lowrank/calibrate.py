@@ -272,18 +272,10 @@ def batches_needed(windows: int, batch_size: int) -> int:
 
 
 def audio_items(source: Any, limit: int | None) -> list:
-    """The recordings of a calibration source (paths or arrays), not yet decoded."""
-    from ..calibration import _paths_in
+    """The recordings of a calibration source (paths or arrays), not yet decoded: streamed one at a time."""
+    from ..calibration import calibration_items
 
-    if source is None:
-        from ..assets import calibration_clips
-
-        items: list = [clip["audio"] for clip in calibration_clips()]
-    elif isinstance(source, (str, Path)):
-        items = _paths_in(Path(source))
-    else:
-        items = list(source)
-    items = items[:limit] if limit is not None else items
+    items = calibration_items(source, limit)
     if not items:
         raise SlimWhisperError(f"no calibration audio found in {source}; give a folder of audio files or a manifest")
     return items
