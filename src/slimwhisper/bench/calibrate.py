@@ -18,27 +18,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import SlimWhisperError
 from ..geometry import GEOMETRIES
-from .common import add_result_args, reset_peak_rss, rss_high_water_bytes, run_metadata, write_result
+from .common import (
+    add_result_args,
+    current_rss_bytes,
+    reset_peak_rss,
+    rss_high_water_bytes,
+    run_metadata,
+    write_result,
+)
 
 SR = 16_000
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now (Linux VmRSS; 0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:

@@ -123,15 +123,25 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def rss_high_water_bytes() -> int:
-    """RSS high-water mark since start or the last `reset_peak_rss` (Linux VmHWM; else the lifetime peak)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A kB field of Linux's /proc/self/status (VmRSS, VmHWM, ...) in bytes; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return peak_rss_bytes()
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (Linux VmRSS; 0 where /proc is missing)."""
+    return proc_status_bytes("VmRSS") or 0
+
+
+def rss_high_water_bytes() -> int:
+    """RSS high-water mark since start or the last `reset_peak_rss` (Linux VmHWM; else the lifetime peak)."""
+    return proc_status_bytes("VmHWM") or peak_rss_bytes()
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
