@@ -166,8 +166,9 @@ def render_calibrate(name: str, r: dict) -> str:
 
 
 def render_table(name: str, r: dict) -> str:
-    """A benchmark script's own table: `header` and `rows` in its JSON."""
-    return f"(`{name}`)\n\n" + table(r["header"], r["rows"])
+    """A benchmark script's own table: `header` and `rows` in its JSON, and its `plot` (a file beside it)."""
+    figure = f"\n\n![{name}](benchmarks/results/{name}/{r['plot']})" if r.get("plot") else ""
+    return f"(`{name}`)\n\n" + table(r["header"], r["rows"]) + figure
 
 
 # (kind = file-name prefix, section title, what it measures, renderer)

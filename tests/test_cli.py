@@ -77,8 +77,11 @@ def test_convert_info_transcribe(capsys, tmp_path):
 
     code, text, _ = run(capsys, "info", str(out), "--json")
     info = json.loads(text)
-    assert info["kv_bytes_per_token"] == {"original": 4 * 2 * 384 * 2, "converted": 4 * 96 * 2}
+    # int8 cache: one byte per number plus float32 scales (one per latent; keys and values per head, MHA cross)
+    assert info["kv_bytes_per_token"] == {"original": 4 * 2 * 384 * 2, "converted": 4 * 96 * 2,
+                                          "converted_int8_cache": 4 * (96 + 4)}
     assert info["cross_kv_bytes"]["original"] == info["cross_kv_bytes"]["converted"] == 4 * 2 * 384 * 1500 * 2
+    assert info["cross_kv_bytes"]["converted_int8_cache"] == 4 * (2 * 384 + 2 * 6 * 4) * 1500
     assert set(info["mla"]["geometry"]) == {f"model.decoder.layers.{i}.self_attn" for i in range(4)}
 
     # A 40-s stereo 44.1 kHz recording (two demo clips around silence) and a short clip, in input order.

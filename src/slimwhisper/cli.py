@@ -15,6 +15,7 @@ from typing import NoReturn
 from .cliargs import (
     add_batch_size,
     add_device,
+    add_engine_options,
     add_model,
     add_out,
     add_quiet,
@@ -154,6 +155,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if args.engine == "generate" and (args.out or args.format != "txt"):
         raise SlimWhisperError("--format and --out need the engine; drop --engine generate")
+    if args.engine == "generate" and (args.quantize or args.kv_cache != "float"):
+        raise SlimWhisperError("--quantize and --kv-cache are the engine's options; drop --engine generate")
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
     out = _transcript_paths(args) if args.out else None
     model, processor = load(args.model, device=resolve_device(args.device))
@@ -208,7 +211,7 @@ def _transcribe(args: argparse.Namespace, model, processor, audios) -> list:
     from .engine import Transcriber
 
     engine = Transcriber(model, processor, batch_size=args.batch_size, beam_size=args.beams, quantize=args.quantize,
-                         vad=not args.no_vad)
+                         vad=not args.no_vad, kv_cache=args.kv_cache)
     return engine.transcribe(audios, language=args.language, timestamps=args.timestamps, mode=args.mode,
                              condition_on_previous_text=args.condition_on_previous_text,
                              progress=not args.quiet and sum(len(a) for a in audios) > 60 * 16_000)
@@ -333,7 +336,7 @@ def _add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--condition-on-previous-text", action="store_true",
                    help="sequential mode: prompt each window with the text before it")
     add_quiet(p)
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
+    add_engine_options(p)
     p.set_defaults(func=cmd_transcribe)
 
 

@@ -64,6 +64,13 @@ def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "rows d
                    help=f"{help} (default {default})")
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine's `--quantize` (int8 linears) and `--kv-cache` (int8 cache) options."""
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 linears (CPU)")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="decoder cache storage: float (default) or int8 with a scale per position and head (CPU)")
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one, else the CPU), cpu, cuda, "
                    "cuda:1, mps")

@@ -72,9 +72,14 @@ def generate_arrays(model, processor, audios: Sequence[np.ndarray], language: st
 
 
 def text_decoder(model, processor, *, engine: str = "fast", batch_size: int = 8, num_beams: int = 1,
-                 max_new_tokens: int | None = None) -> TextDecoder:
+                 max_new_tokens: int | None = None, quantize: str | None = None, kv_cache: str = "float"
+                 ) -> TextDecoder:
     """A function `(audios, language) -> texts` decoding with `engine` ("fast" or "generate"); `language`
-    None lets multilingual models detect it. The engine is built once, so call the function per batch."""
+    None lets multilingual models detect it. The engine is built once, so call the function per batch.
+    `quantize` (int8 linears) and `kv_cache` (int8 cache) are the engine's options."""
+    if engine == "generate" and (quantize or kv_cache != "float"):
+        raise SlimWhisperError("int8 linears and the int8 KV cache are the fast engine's; drop them or use "
+                               "--engine fast")
     if engine == "generate":
         def decode(audios: Sequence[np.ndarray], language: str | None = None) -> list[str]:
             return generate_arrays(model, processor, audios, language, batch_size=batch_size, num_beams=num_beams,
@@ -86,7 +91,7 @@ def text_decoder(model, processor, *, engine: str = "fast", batch_size: int = 8,
     from .engine import Transcriber
 
     transcriber = Transcriber(model, processor, batch_size=batch_size, beam_size=num_beams,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, quantize=quantize, kv_cache=kv_cache)
 
     def decode_fast(audios: Sequence[np.ndarray], language: str | None = None) -> list[str]:
         return [r.text for r in transcriber.transcribe(list(audios), language=language)] if len(audios) else []

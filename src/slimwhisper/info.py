@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from .memory import cached_numbers_per_token, kv_cache_bytes
+from .memory import cached_numbers_per_token, int8_cache_bytes, kv_cache_bytes
 from .models import SlimWhisperConfig, SlimWhisperForConditionalGeneration
 
 
@@ -34,7 +34,8 @@ def build_on_meta(config: WhisperConfig) -> torch.nn.Module:
 
 
 def describe(config: WhisperConfig) -> dict[str, Any]:
-    """A JSON-able summary; cache bytes are fp16, batch 1 (self: per token, cross: per 30-s utterance)."""
+    """A JSON-able summary; cache bytes are fp16, batch 1 (self: per token, cross: per 30-s utterance), and
+    "converted_int8_cache" what the engine's int8 cache holds instead (int8 numbers, float32 scales)."""
     original = original_config(config)
     with torch.device("meta"):
         compressed_model = build_on_meta(config)
@@ -44,7 +45,7 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
             "original": _encoder_parameters(original_model),
             "compressed": _encoder_parameters(compressed_model),
         }
-    before, after = kv_cache_bytes(original), kv_cache_bytes(config)
+    before, after, int8 = kv_cache_bytes(original), kv_cache_bytes(config), int8_cache_bytes(config)
     compression = dict(getattr(config, "compression", None) or {})
     mla = compression.get("mla", {})
     lowrank = compression.get("lowrank", {})
@@ -54,8 +55,10 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         "encoder_layers": config.encoder_layers,
         "decoder_layers": config.decoder_layers,
         "heads": config.decoder_attention_heads,
-        "kv_bytes_per_token": {"original": before.self_attention, "converted": after.self_attention},
-        "cross_kv_bytes": {"original": before.cross_attention, "converted": after.cross_attention},
+        "kv_bytes_per_token": {"original": before.self_attention, "converted": after.self_attention,
+                               "converted_int8_cache": int8.self_attention},
+        "cross_kv_bytes": {"original": before.cross_attention, "converted": after.cross_attention,
+                           "converted_int8_cache": int8.cross_attention},
         "kv_reduction": {
             "self": 1 - cached_numbers_per_token(config, "self_attn") / cached_numbers_per_token(original, "self_attn"),
             "cross": 1

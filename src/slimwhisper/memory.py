@@ -44,6 +44,43 @@ def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
     return total
 
 
+def cached_scales_per_token(config: PretrainedConfig, module: str) -> int:
+    """Scales an int8 cache holds per token (self) or frame (cross), summed over layers: one per head for
+    keys and for values (MHA), one for an MLA latent plus one per head for kept key dims (when it keeps any)."""
+    layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
+    heads = config.decoder_attention_heads
+    total = 0
+    for i in range(config.decoder_layers):
+        geometry = layers.get(f"model.decoder.layers.{i}.{module}")
+        if geometry is None:
+            total += 2 * heads
+        else:
+            kept = len(geometry["kept_dims"][0]) if geometry["kept_dims"] else 0
+            total += 1 + (heads if kept else 0)
+    return total
+
+
+def int8_cache_bytes(
+    model_or_config: nn.Module | PretrainedConfig,
+    batch: int = 1,
+    tokens: int = 1,
+    scale_dtype: torch.dtype = torch.float32,
+    encoder_frames: int | None = None,
+) -> KVCacheBytes:
+    """Bytes the engine's int8 cache (`kv_cache="int8"`) holds: one byte per cached number plus its scales
+    (in the model's float dtype: float32 on a CPU). The one layer of float scratch it attends from is not
+    counted: it does not grow with the number of layers."""
+    config = getattr(model_or_config, "config", model_or_config)
+    scale = torch.empty((), dtype=scale_dtype).element_size()
+    frames = config.max_source_positions if encoder_frames is None else encoder_frames
+
+    def per(module: str) -> int:
+        return cached_numbers_per_token(config, module) + scale * cached_scales_per_token(config, module)
+
+    return KVCacheBytes(self_attention=batch * tokens * per("self_attn"),
+                        cross_attention=batch * frames * per("encoder_attn"))
+
+
 def kv_cache_bytes(
     model_or_config: nn.Module | PretrainedConfig,
     batch: int = 1,

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 import slimwhisper as sw
-from slimwhisper.engine.cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
+from slimwhisper.engine.cache import (
+    FixedLayer,
+    Int8StaticLayer,
+    Scratch,
+    StaticEncoderDecoderCache,
+    StaticLayer,
+    quantize_int8,
+)
 from slimwhisper.errors import SlimWhisperError
 
 
@@ -71,7 +78,7 @@ def test_static_layer_compacts_in_place_grows_for_beams_and_resets_rows():
     layer = StaticLayer(4, ((2, 3), (2, 1)), max_len=6, dtype=torch.float32, device="cpu")
     keys = torch.arange(4 * 2 * 2 * 3, dtype=torch.float32).view(4, 2, 2, 3)
     layer.update(keys, keys[..., :1])
-    full = layer._keys_full.data_ptr()
+    full = layer._full[0].data_ptr()
     layer.select_rows(torch.tensor([1, 2, 3]))  # finished rows leave: compacted in place
     assert layer.keys.data_ptr() == full and layer.keys.shape[0] == 3
     assert torch.equal(layer.keys[:, :, :2], keys[[1, 2, 3]])
@@ -84,3 +91,42 @@ def test_static_layer_compacts_in_place_grows_for_beams_and_resets_rows():
     assert layer.keys.shape[0] == 3 and layer.get_seq_length() == 0
     with pytest.raises(ValueError, match="rows"):
         layer.reset(6)
+
+
+def test_quantize_int8_rounds_within_half_a_step_and_keeps_zero_and_empty_vectors():
+    x = torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0] = 0.0
+    values, scales = quantize_int8(x)
+    assert values.dtype == torch.int8 and scales.shape == (2, 3, 5, 1)
+    assert (values.float() * scales - x).abs().le(scales / 2 + 1e-7).all()
+    assert values.abs().amax(dim=-1).flatten()[1:].eq(127).all()  # every non-zero vector uses the full range
+    assert torch.equal(values[0, 0, 0], torch.zeros(8, dtype=torch.int8))
+    transposed, t_scales = quantize_int8(x, dim=-2)
+    assert t_scales.shape == (2, 3, 1, 8)
+    empty, e_scales = quantize_int8(x[..., :0])
+    assert empty.shape == e_scales.shape == (2, 3, 5, 0)
+
+
+def test_int8_static_layer_matches_a_float_layer_through_updates_beams_and_leaving_rows():
+    """Same operations on a float and an int8 layer: what `update` returns agrees to the int8 rounding,
+    rows and positions stay aligned with their scales, and the held bytes are numbers + scales."""
+    gen = torch.Generator().manual_seed(1)
+    scratch = Scratch()
+    slots = ((1, 6), (2, 3))  # an MLA-like latent slot and a kept-dims slot
+    ref = StaticLayer(4, slots, 8, torch.float32, "cpu")
+    q8 = Int8StaticLayer(4, slots, 8, torch.float32, "cpu", scratch)
+    assert q8.nbytes() == 4 * 8 * (6 + 2 * 3) + 4 * 8 * (1 + 2) * 4
+
+    def both(*new):
+        a, b = ref.update(*new), q8.update(*new)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=x.abs().max().item() / 127, rtol=0)
+        return b
+
+    both(torch.randn(4, 1, 3, 6, generator=gen), torch.randn(4, 2, 3, 3, generator=gen))
+    for layer in (ref, q8):
+        layer.reorder_cache(torch.tensor([2, 2, 0, 1]))
+        layer.select_rows(torch.tensor([0, 3]))
+    keys, _ = both(torch.randn(2, 1, 1, 6, generator=gen), torch.randn(2, 2, 1, 3, generator=gen))
+    assert keys.shape == (2, 1, 4, 6) and keys.data_ptr() == scratch.take("self_keys", (1,), keys.dtype,
+                                                                          keys.device).data_ptr()

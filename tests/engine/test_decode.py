@@ -26,6 +26,7 @@ from slimwhisper.engine.decode import (
     fuse_mla,
     fuse_qkv,
     greedy_decode,
+    mla_cross_attention,
     mla_self_attention,
     prefill,
     self_attention,
@@ -34,6 +35,8 @@ from slimwhisper.engine.decode import (
 from slimwhisper.engine.quantize import Int8Call, quantize_dynamic_int8
 from slimwhisper.engine.rules import TokenIds
 from slimwhisper.engine.transcriber import Transcriber
+from slimwhisper.errors import SlimWhisperError
+from slimwhisper.memory import int8_cache_bytes, kv_cache_bytes
 
 
 def test_greedy_matches_generate_with_different_lengths():
@@ -56,7 +59,7 @@ def test_one_runner_reuses_its_buffers_and_decodes_like_fresh_ones():
         reused = [d.tokens for d in greedy_decode(runner, runner.encode(features), prompt, ids)]
         assert reused == engine_tokens(model, features)
         layer = runner._cache.self_attention_cache.layers[0]
-        pointers.append((id(runner._cache), layer._keys_full.data_ptr(),
+        pointers.append((id(runner._cache), layer._full[0].data_ptr(),
                          runner._cache.cross_attention_cache.layers[0]._spare[0].data_ptr()))
     assert len(set(pointers)) == 1, "the second and third batches should reuse the first one's buffers"
 
@@ -150,11 +153,35 @@ def test_cross_attention_with_the_runners_direct_calls_is_bitwise_the_modules():
     assert LayerCalls.of(tiny_whisper().model.decoder.layers[0]).cross_kv is None  # float: no stacking
 
 
-def test_runner_uses_own_cross_attention_only_for_plain_attention_on_cpu():
+def test_runner_runs_its_own_cross_attention_for_plain_and_mla_attention_on_cpu():
     model = tiny_whisper().eval()
     assert DecoderRunner(model).own_cross == [True] * model.config.decoder_layers
     slim = sw.convert(model, sw.MLAConfig(modules=("decoder_self", "decoder_cross"), kv_reduction=0.5))
-    assert DecoderRunner(slim).own_cross == [False] * model.config.decoder_layers
+    assert DecoderRunner(slim).own_cross == [True] * model.config.decoder_layers
+
+
+@pytest.mark.parametrize("fold", ["never", "always"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_mla_cross_attention_equals_the_materialised_module(fold, int8):
+    """The engine's MLA cross-attention (absorbed at every length, latent cached once per window) gives the
+    module's materialised output for a prefill and then steps, folded or not, float or int8 projections;
+    the cache holds the latent [B, 1, T, d_c], not keys and values."""
+    model = tiny_whisper(seed=5).eval()
+    slim = sw.convert(model, sw.MLAConfig(modules=("decoder_cross",), kv_reduction=0.75))
+    if int8:
+        slim = quantize_dynamic_int8(slim)
+    sw.mla.modules.set_decode_mode(slim, "absorbed", fold=fold)
+    attn = slim.model.decoder.layers[1].encoder_attn
+    gen = torch.Generator().manual_seed(2)
+    enc, layer = torch.randn(2, 30, model.config.d_model, generator=gen), FixedLayer()
+    calls = LayerCalls.of(slim.model.decoder.layers[1])
+    with torch.inference_mode():
+        for length in (3, 1, 1):
+            hidden = torch.randn(2, length, model.config.d_model, generator=gen)
+            ref, _ = attn(hidden, key_value_states=enc)  # no cache: the materialised path
+            torch.testing.assert_close(mla_cross_attention(attn, hidden, layer, enc, calls), ref,
+                                       atol=1e-4, rtol=1e-4)
+    assert layer.keys.shape == (2, 1, 30, attn.latent_dim)
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -250,3 +277,39 @@ def test_runner_fuses_mla_self_attention_and_follows_the_decode_mode():
     finally:
         sw.engine.decode.mla_self_attention = original
     assert fused_tokens == generate_tokens(slim, features)
+
+
+@pytest.mark.parametrize("modules", [None, ("decoder_self", "decoder_cross")])
+def test_int8_kv_cache_decodes_as_the_float_cache_within_its_rounding(modules):
+    """kv_cache="int8": every self and cross layer holds int8 numbers with float scales; the logits stay within
+    int8 rounding of the float cache's and greedy decoding gives the same tokens (MHA and MLA layers)."""
+    model = varied_whisper(2).eval()
+    if modules:
+        model = sw.convert(model, sw.MLAConfig(modules=modules, kv_reduction=0.5))
+    ids = TokenIds.from_generation_config(model.generation_config)
+    features = varied_features(3, seed=6)
+    logits, tokens = {}, {}
+    for kind in ("float", "int8"):
+        runner = DecoderRunner(model, kv_cache=kind)
+        with torch.inference_mode():
+            enc = runner.encode(features)
+            prompt = torch.tensor([[SOT, NO_TS]] * 3)
+            cache = runner.new_cache(3, 24, enc.dtype)
+            steps = [runner(prompt, cache, enc), runner(torch.tensor([[5], [6], [7]]), cache, enc)]
+            layers = cache.self_attention_cache.layers + cache.cross_attention_cache.layers
+            assert {layer.keys.dtype for layer in layers} == {torch.int8 if kind == "int8" else torch.float32}
+            held = (cache.nbytes(), sum(layer.nbytes() for layer in cache.cross_attention_cache.layers))
+            formula = (int8_cache_bytes(model, 3, 24, encoder_frames=enc.shape[1]) if kind == "int8"
+                       else kv_cache_bytes(model, 3, 24, torch.float32, encoder_frames=enc.shape[1]))
+            assert held == (formula.self_attention, formula.cross_attention)
+            logits[kind] = torch.stack(steps)
+            tokens[kind] = [d.tokens for d in greedy_decode(runner, enc, prompt, ids, max_length=16)]
+    spread = logits["float"].abs().max()
+    torch.testing.assert_close(logits["int8"], logits["float"], atol=0.02 * spread, rtol=0)
+    assert not torch.equal(logits["int8"], logits["float"])  # the int8 cache is really in use
+    assert tokens["int8"] == tokens["float"]
+
+
+def test_kv_cache_kind_is_checked():
+    with pytest.raises(SlimWhisperError, match="kv_cache"):
+        DecoderRunner(tiny_whisper().eval(), kv_cache="int4")

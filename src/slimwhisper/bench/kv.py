@@ -4,7 +4,8 @@
 
 Analytic bytes come from `slimwhisper.memory.kv_cache_bytes` (self attention grows with decoded
 tokens; cross attention holds the encoder output once per utterance, 1500 frames per 30-s window).
-"Held" bytes are what a real prefilled `EncoderDecoderCache` holds (`cache_bytes_held`), measured
+`int8_cache` is what the engine's int8 cache (`--kv-cache int8`) holds instead: one byte per
+number plus a float32 scale per position and head (`memory.int8_cache_bytes`). "Held" bytes are what a real prefilled `EncoderDecoderCache` holds (`cache_bytes_held`), measured
 at a small batch to check the formula. The largest batch in a budget counts cache bytes only
 (not weights or activations) at the longest length.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from ..cliargs import add_model
 from ..errors import SlimWhisperError
 from ..geometry import GEOMETRIES
-from ..memory import cache_bytes_held, kv_cache_bytes
+from ..memory import cache_bytes_held, int8_cache_bytes, kv_cache_bytes
 from .common import add_result_args, load_for_bench, run_metadata, write_result
 from .decode import prepare_decode
 
@@ -80,6 +81,12 @@ def bench_kv(
             "cross_bytes_per_frame": per_token.cross_attention // model.config.max_source_positions,
             "table": kv_table(model, batches, lengths, dtype),
             "max_batch_in_budget": max_batch(model, budget_bytes, longest, dtype),
+        }
+        int8 = int8_cache_bytes(model, batch=1, tokens=1)
+        entry["int8_cache"] = {  # the engine's kv_cache="int8": int8 numbers plus float32 scales
+            "self_bytes_per_token": int8.self_attention,
+            "cross_bytes_per_frame": int8.cross_attention // model.config.max_source_positions,
+            "max_batch_in_budget": budget_bytes // int8_cache_bytes(model, batch=1, tokens=longest).total,
         }
         if check_held:
             entry["held_check"] = held_vs_analytic(model)
@@ -168,5 +175,6 @@ def run(args: argparse.Namespace) -> int:
         fit = entry["max_batch_in_budget"]
         print(f"{name}: self {entry['self_bytes_per_token']} B/token, cross {entry['cross_bytes_per_frame']} B/frame "
               f"({args.dtype}); largest batch in {args.budget_gib:g} GiB at {max(args.lengths)} tokens: "
-              f"{fit['self']} (self only), {fit['self_cross']} (self + cross)")
+              f"{fit['self']} (self only), {fit['self_cross']} (self + cross), "
+              f"{entry['int8_cache']['max_batch_in_budget']} (self + cross, int8 cache)")
     return 0

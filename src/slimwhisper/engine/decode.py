@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
+from ..errors import SlimWhisperError
 from ..mla.modules import WhisperMLAAttention
 from ..tokens import TokenIds, decoder_prompt
-from .cache import FixedLayer, StaticEncoderDecoderCache, StaticLayer
+from .cache import KV_CACHE_KINDS, FixedLayer, StaticEncoderDecoderCache, StaticLayer
 from .quantize import direct_call, float_weight_and_bias, is_quantized_linear, quantize_linear_int8, stack_int8_rows
 from .rules import LogitRules
 
@@ -57,15 +58,17 @@ class Decoded:
 class DecoderRunner:
     """One forward of the decoder for new tokens [B, L] given the static cache; returns logits."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kv_cache: str = "float"):
         self.model = model
+        self.kv_cache = kv_cache
         self.decoder = model.model.decoder
         self.proj_out = model.proj_out
         self.max_positions = model.config.max_target_positions
         self._cache: StaticEncoderDecoderCache | None = None
         on_cpu = next(model.parameters()).device.type == "cpu"
-        # exact class: subclasses (MLA) cache something else and run their own attention
-        self.own_cross = [on_cpu and type(layer.encoder_attn) is WhisperAttention for layer in self.decoder.layers]
+        # exact classes: other subclasses may cache something else
+        self.own_cross = [on_cpu and type(layer.encoder_attn) in (WhisperAttention, WhisperMLAAttention)
+                          for layer in self.decoder.layers]
         self.fused_qkv = [
             direct_call(fuse_qkv(layer.self_attn)) if own and type(layer.self_attn) is WhisperAttention else None
             for own, layer in zip(self.own_cross, self.decoder.layers)
@@ -76,6 +79,11 @@ class DecoderRunner:
         ]
         self.calls = [LayerCalls.of(layer) for layer in self.decoder.layers]
         self.lm_head = direct_call(self.proj_out)
+        if kv_cache not in KV_CACHE_KINDS:
+            raise SlimWhisperError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
+        if kv_cache == "int8" and not all(self.own_cross):
+            raise SlimWhisperError("the int8 KV cache runs in the engine's own attention, on a CPU; "
+                                   "use kv_cache='float' on other devices")
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> StaticEncoderDecoderCache:
         """An empty cache for `batch` rows: the previous call's buffers when they fit (they are kept for reuse)."""
@@ -83,7 +91,8 @@ class DecoderRunner:
         if cache is None or cache.max_len != max_len or cache.capacity_rows < batch or (
             cache.self_attention_cache.layers[0].dtype != dtype
         ):
-            cache = self._cache = StaticEncoderDecoderCache.for_model(self.model, batch, max_len, dtype=dtype)
+            cache = self._cache = StaticEncoderDecoderCache.for_model(self.model, batch, max_len, dtype=dtype,
+                                                                      kv_cache=self.kv_cache)
         cache.reset(batch)
         return cache
 
@@ -139,7 +148,10 @@ class DecoderRunner:
         cache.is_updated[idx] = True
         cross = cache.cross_attention_cache.layers[idx]
         normed = layer.encoder_attn_layer_norm(hidden)
-        hidden = hidden + cross_attention(layer.encoder_attn, normed, cross, encoder_out, calls)
+        if isinstance(layer.encoder_attn, WhisperMLAAttention):
+            hidden = hidden + mla_cross_attention(layer.encoder_attn, normed, cross, encoder_out, calls)
+        else:
+            hidden = hidden + cross_attention(layer.encoder_attn, normed, cross, encoder_out, calls)
         residual = hidden
         hidden = layer.final_layer_norm(hidden)
         hidden = calls.fc2(layer.activation_fn(calls.fc1(hidden)))
@@ -274,13 +286,34 @@ def cross_attention(
             else:  # e.g. int8 linears, which only compute x W^T
                 transpose_frames_(keys.view(batch, heads * head_dim, frames), attn.k_proj(encoder_out))
             values.copy_(attn.v_proj(encoder_out).view(batch, frames, heads, head_dim).transpose(1, 2))
-        layer.update(keys, values)
         layer.keys_transposed = True
+        layer.update(keys, values)
+    keys, values = layer.read()
     q_proj, out_proj = (attn.q_proj, attn.out_proj) if calls is None else (calls.cross_q, calls.cross_out)
     query = (q_proj(hidden) * attn.scaling).view(batch, length, heads, head_dim).transpose(1, 2)
-    probs = (query @ layer.keys).float().softmax(dim=-1).to(query.dtype)  # [B, H, L, T]
-    out = (probs @ layer.values).transpose(1, 2).reshape(batch, length, heads * head_dim)
+    probs = (query @ keys).float().softmax(dim=-1).to(query.dtype)  # [B, H, L, T]
+    out = (probs @ values).transpose(1, 2).reshape(batch, length, heads * head_dim)
     return out_proj(out)
+
+
+def mla_cross_attention(
+    attn: WhisperMLAAttention, hidden: torch.Tensor, layer: FixedLayer, encoder_out: torch.Tensor,
+    calls: LayerCalls | None = None,
+) -> torch.Tensor:
+    """MLA cross-attention of `hidden` [B, L, d] read straight from the cached latent, for any L.
+
+    The first call of a window projects the encoder output to the latent [B, 1, T, d_c] (and kept key
+    dims) once and stores them in `layer`; every call then runs the absorbed arithmetic, which never
+    up-projects the 1500-frame cache (cross-attention needs no mask, so the prefill absorbs too).
+    """
+    if layer.keys is None:
+        layer.update(*attn.project_latent(encoder_out))
+    latent, kept = layer.read()
+    fold_q, fold_o = attn.fold_plan()
+    if fold_q or fold_o:  # the module's folded projections (float weights only)
+        return attn.absorbed(hidden, latent, kept, None, False)[0]
+    q_proj, out_proj = (attn.q_proj, attn.out_proj) if calls is None else (calls.cross_q, calls.cross_out)
+    return attn.attend_latent(q_proj(hidden) * attn.scaling, latent, kept, out_proj=out_proj)[0]
 
 
 def transpose_frames_(dst: torch.Tensor, src: torch.Tensor, block: int = 256) -> None:

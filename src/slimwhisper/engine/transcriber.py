@@ -136,6 +136,7 @@ class Transcriber:
         vad: bool = True,
         seed: int = 0,
         max_new_tokens: int | None = None,
+        kv_cache: str = "float",
     ):
         if beam_size < 1 or batch_size < 1:
             raise SlimWhisperError("beam_size and batch_size must be at least 1")
@@ -152,7 +153,7 @@ class Transcriber:
         self.max_new_tokens = max_new_tokens  # per window (None: as many as the decoder's positions allow)
         self.length_penalty, self.patience = length_penalty, patience
         self.ids = TokenIds.from_generation_config(model.generation_config)
-        self.runner = DecoderRunner(model)
+        self.runner = DecoderRunner(model, kv_cache=kv_cache)
         if compile:
             self.runner.encode = torch.compile(self.runner.encode)
         param = next(p for p in model.parameters() if p.is_floating_point())

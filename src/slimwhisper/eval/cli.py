@@ -13,6 +13,7 @@ from typing import Any
 from ..cliargs import (
     add_batch_size,
     add_device,
+    add_engine_options,
     add_model,
     add_out,
     add_quiet,
@@ -61,6 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="clips over 30 s: decode long-form with timestamps (default), skip and report, or stop")
     add_device(p)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_engine_options(p)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable, empty or missing file "
                    "instead of skipping and reporting it")
     p.add_argument("--bootstrap", type=int, default=10_000, help="paired-bootstrap draws (default 10000)")
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         model, processor, data, batch_size=args.batch_size, num_beams=args.beams, language=language,
         out_dir=Path(args.out), baseline=baseline, tag=args.model, baseline_tag=args.baseline, device=device,
         dtype=dtype, max_new_tokens=args.max_new_tokens, long_audio=args.long_audio, engine=args.engine,
+        quantize=args.quantize, kv_cache=args.kv_cache,
         on_error="raise" if args.strict else "skip", n_bootstrap=args.bootstrap, seed=args.seed,
         progress=not args.quiet, shard=shard,
     )

@@ -136,6 +136,8 @@ def evaluate(
     max_new_tokens: int | None = None,
     long_audio: LongAudio = "longform",
     engine: str = "fast",
+    quantize: str | None = None,
+    kv_cache: str = "float",
     on_error: Literal["skip", "raise"] = "skip",
     n_bootstrap: int = 10_000,
     seed: int = 0,
@@ -146,7 +148,8 @@ def evaluate(
 
     `language` forces one decoding language for every sample; otherwise each sample's own is used.
     `device`/`dtype`, when given, move the models there first. `engine` is "fast" (the engine, as
-    `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference). `shard`
+    `slimwhisper transcribe` runs it) or "generate" (transformers' generate, the reference); the engine may
+    run int8 linears (`quantize="int8"`) and an int8 KV cache (`kv_cache="int8"`), both models alike. `shard`
     (`shards.current_shard`) splits the work when the process is one of several; every process returns the
     same scores, only the main one writes the summaries.
     """
@@ -156,8 +159,10 @@ def evaluate(
     report = SkipReport()
     samples, source = _sample_list(samples, report)
     cands = _candidates(model, processor, baseline, tag, baseline_tag, device, dtype,
-                        engine=engine, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                        engine=engine, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                        quantize=quantize, kv_cache=kv_cache)
     settings = {"models": _model_settings(cands), "engine": engine, "num_beams": num_beams, "language": language,
+                "quantize": quantize, "kv_cache": kv_cache,
                 "max_new_tokens": max_new_tokens, "long_audio": long_audio, "normalizer": NORMALIZER_VERSION,
                 "data": source}
     store = UtteranceStore(Path(out_dir), settings, rank=shard.rank, world=shard.world)
@@ -203,7 +208,8 @@ def _sample_list(samples: Dataset | Sequence[Sample], report: SkipReport) -> tup
 
 def _candidates(model: Any, processor: Any, baseline: tuple[Any, Any] | None, tag: str | None,
                 baseline_tag: str | None, device: str | None, dtype: Any, *, engine: str, batch_size: int,
-                num_beams: int, max_new_tokens: int | None) -> list[Candidate]:
+                num_beams: int, max_new_tokens: int | None, quantize: str | None = None,
+                kv_cache: str = "float") -> list[Candidate]:
     """The model (and baseline) in eval mode on `device`/`dtype`, each with its text decoder."""
     cands = [Candidate(model, processor, tag or default_tag(model), "model")]
     if baseline is not None:
@@ -213,7 +219,7 @@ def _candidates(model: Any, processor: Any, baseline: tuple[Any, Any] | None, ta
             c.model.to(device=device, dtype=dtype)
         c.model.eval()
         c.decode = text_decoder(c.model, c.processor, engine=engine, batch_size=batch_size, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, quantize=quantize, kv_cache=kv_cache)
     return cands
 
 

@@ -141,7 +141,7 @@ class WhisperMLAAttention(WhisperAttention):
                 latent, kept = cache.update(latent, kept, self.layer_idx)
 
         if self._use_absorbed(input_shape[-1], cache):
-            out, weights = self._absorbed(hidden_states, latent, kept, attention_mask, output_attentions)
+            out, weights = self.absorbed(hidden_states, latent, kept, attention_mask, output_attentions)
             return out, weights
         query = (self.q_proj(hidden_states) * self.scaling).view(*input_shape, self.num_heads, self.head_dim)
         keys, values = self.expand_kv(latent, kept)
@@ -162,10 +162,11 @@ class WhisperMLAAttention(WhisperAttention):
         out = self.out_proj(out.reshape(*input_shape, -1).contiguous())
         return out, weights
 
-    def _absorbed(
+    def absorbed(
         self, hidden_states: torch.Tensor, latent: torch.Tensor, kept: torch.Tensor, mask, need_weights: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Single-token decode straight from the latent cache, with the projections folded where chosen."""
+        """Attention straight from the latent cache (one-token self-attention steps; the engine's cross-attention
+        at any length), with the projections folded where chosen."""
         folded = self.folded_weights()
         if "q_weight" in folded:
             query = nn.functional.linear(hidden_states, folded["q_weight"], folded["q_bias"])
