@@ -5,7 +5,8 @@
 Analytic bytes come from `slimwhisper.memory.kv_cache_bytes` (self attention grows with decoded
 tokens; cross attention holds the encoder output once per utterance, 1500 frames per 30-s window).
 `int8_cache` is what the engine's int8 cache (`--kv-cache int8`) holds instead: one byte per
-number plus a float32 scale per position and head (`memory.int8_cache_bytes`). "Held" bytes are what a real prefilled `EncoderDecoderCache` holds (`cache_bytes_held`), measured
+number plus a float32 scale per position and head (`memory.int8_cache_bytes`). "Held" bytes are what
+a real prefilled `EncoderDecoderCache` holds (`cache_bytes_held`), measured
 at a small batch to check the formula. The largest batch in a budget counts cache bytes only
 (not weights or activations) at the longest length.
 """
