@@ -104,14 +104,17 @@ def kv_cache_bytes(
 
 
 def cache_bytes_held(cache) -> KVCacheBytes:
-    """Bytes actually held by an `EncoderDecoderCache` (self, cross), for checking the formula."""
+    """Bytes actually held by an `EncoderDecoderCache` (self, cross), for checking the formula; the engine's
+    layers count themselves (`nbytes`: an int8 layer's scales included)."""
 
     def held(dynamic) -> int:
         return sum(
-            t.numel() * t.element_size()
+            layer.nbytes() if hasattr(layer, "nbytes") else sum(
+                t.numel() * t.element_size()
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)
+            )
             for layer in dynamic.layers
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)
         )
 
     return KVCacheBytes(held(cache.self_attention_cache), held(cache.cross_attention_cache))

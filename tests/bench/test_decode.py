@@ -45,6 +45,25 @@ def test_decode_bench_returns_positive_times_and_matching_bytes(tiny_model, slim
     assert traffic["bound_speedup"]["model_static"] == (
         traffic["bytes_per_step"]["baseline_static"]["total"] / static["total"]
     ) > 1
+    roof = result["roofline"]
+    assert roof["machine"]["gflops"] > 0 and roof["machine"]["gbps"] > 0
+    for key, entry in roof["entries"].items():  # the bound is the slower of FLOPs and bytes, and is met at most
+        kind = "_static" if key.endswith("_static") else ""
+        nbytes = traffic["bytes_per_step"][("model" if key.startswith("model") else "baseline") + kind]["total"]
+        assert entry["bound_ms"] == pytest.approx(1e3 * max(entry["gflop"] / roof["machine"]["gflops"],
+                                                            nbytes / 1e9 / roof["machine"]["gbps"]))
+        assert entry["attained"] == pytest.approx(entry["bound_ms"] / ms[key]), key
+
+
+def test_decode_bench_with_the_int8_cache_holds_what_the_formula_says(tiny_model, slim):
+    result = bench_decode(slim, tiny_model, batch=2, cache_len=6, repeats=1, warmup=1, caches=("engine",),
+                          encoder_frames=20, kv_cache="int8", materialized=False)
+    for name, b in result["cache_bytes"].items():  # the engine's self cache has room for the timed step
+        assert b["held_cross"] == b["analytic_cross"], name
+        assert b["held_self"] == b["analytic_self"] * 7 // 6, name
+    d, layers = tiny_model.config.d_model, tiny_model.config.decoder_layers
+    heads = tiny_model.config.decoder_attention_heads
+    assert result["cache_bytes"]["baseline"]["held_cross"] == 2 * 20 * layers * (2 * d + 2 * heads * 4)
 
 
 @pytest.mark.parametrize("self_only", [True, False])

@@ -20,7 +20,10 @@ models with the engine's int8 linears; MLA models decode absorbed, folding the u
 q_proj/out_proj where docs/mla.md (folding) says it is cheaper (`--fold` forces it), and a model that folds gets
 a "model_unfolded" entry too.
 
-`traffic` puts the timings next to the least bytes a step must move (`memory.decode_step_traffic`:
+`roofline` gives each entry's FLOPs and least bytes per step, this machine's measured float32 matmul rate
+and copy bandwidth, the bound max(FLOPs / rate, bytes / bandwidth), which of the two binds, and the share
+of that bound the measured step reaches (`slimwhisper.roofline`). `traffic` puts the timings next to
+the least bytes a step must move (`memory.decode_step_traffic`:
 weights, the self-attention cache, three times over for a concatenated cache, and the cross cache)
 and the speedup those bytes would allow a memory-bound step ("bound_speedup"): at large batch the
 cross-attention cache is most of it, so shrinking only the self-attention cache buys little.
@@ -38,12 +41,13 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from ..cliargs import add_batch_size, add_model
-from ..engine.cache import StaticEncoderDecoderCache, StaticLayer
+from ..engine.cache import KV_CACHE_KINDS, StaticEncoderDecoderCache, StaticLayer
 from ..engine.decode import DecoderRunner
 from ..engine.quantize import QUANTIZE_CHOICES, quantize
 from ..errors import SlimWhisperError
-from ..memory import cache_bytes_held, decode_step_traffic, kv_cache_bytes
+from ..memory import cache_bytes_held, decode_step_traffic, int8_cache_bytes, kv_cache_bytes
 from ..mla.modules import FOLD_MODES, WhisperMLAAttention, set_decode_mode
+from ..roofline import decode_step_flops, measure_peaks
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 CACHE_KINDS = ("dynamic", "static", "engine")
@@ -102,7 +106,7 @@ class EngineStepper:
 
 @torch.inference_mode()
 def prepare_engine_decode(model: nn.Module, batch: int, cache_len: int, encoder_frames: int | None = None,
-                          seed: int = 0) -> EngineStepper:
+                          seed: int = 0, kv_cache: str = "float") -> EngineStepper:
     """An `EngineStepper` for `model` (its MLA modules' current fold setting is fused into the runner)."""
     config = model.config
     frames = config.max_source_positions if encoder_frames is None else encoder_frames
@@ -111,7 +115,7 @@ def prepare_engine_decode(model: nn.Module, batch: int, cache_len: int, encoder_
     encoder_states = torch.randn(1, frames, config.d_model, generator=gen).to(param.device, param.dtype)
     encoder_states = encoder_states.expand(batch, -1, -1).contiguous()
     prompt = torch.randint(0, config.vocab_size, (1, cache_len), generator=gen).expand(batch, -1).to(param.device)
-    runner = DecoderRunner(model)
+    runner = DecoderRunner(model, kv_cache=kv_cache)
     cache = runner.new_cache(batch, cache_len + 1, param.dtype)
     runner(prompt, cache, encoder_states)
     tokens = torch.randint(0, config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed + 1))
@@ -186,6 +190,8 @@ def time_decode(
     baseline: str | None = "baseline",
     progress: bool = False,
     fold: str = "auto",
+    roofline: bool = True,
+    kv_cache: str = "float",
 ) -> dict[str, Any]:
     """Time decode steps of every model in `models` in one interleaved run; see the module docstring.
 
@@ -195,11 +201,13 @@ def time_decode(
     ("auto", "never" or "always"; docs/mla.md, folding); when that folds any projection, "<name>_unfolded" adds
     the same model never folding, for comparison. Returns a JSON-able dict with
     `ms_per_token` per entry, `speedup` (the `baseline` entry's time / entry's), `tokens_per_s`,
-    per-repeat times and the cache bytes held (and predicted by `slimwhisper.memory`) per model.
+    per-repeat times and the cache bytes held (and predicted by `slimwhisper.memory`) per model, and with
+    `roofline` each entry's FLOPs, bytes and roofline bound on this machine (`roofline_of`). `kv_cache`
+    ("int8") gives the engine entries the engine's int8 cache.
     """
     if not caches:
         raise SlimWhisperError("give at least one cache kind")
-    entries = _Entries(batch, cache_len, encoder_frames, fold, materialized)
+    entries = _Entries(batch, cache_len, encoder_frames, fold, materialized, kv_cache)
     for name, m in models.items():
         entries.add_model(name, m, caches)
     times = _time_entries(models, entries, repeats, warmup, progress)
@@ -207,8 +215,12 @@ def time_decode(
     result: dict[str, Any] = {"ms_per_token": ms, **_speedups(ms, caches, baseline), **_rates(times, ms, batch)}
     first_model = next(iter(models.values()))
     dtype = next(first_model.parameters()).dtype
-    result["cache_bytes"] = _cache_bytes(models, entries.steppers, batch, cache_len, dtype, encoder_frames)
+    result["cache_bytes"] = _cache_bytes(models, entries.steppers, batch, cache_len, dtype, encoder_frames,
+                                         kv_cache if caches[0] == "engine" else "float")
     result["traffic"] = traffic_bound(models, caches, batch, cache_len, dtype, encoder_frames, baseline)
+    if roofline:
+        result["roofline"] = roofline_of(models, ms, result["traffic"]["bytes_per_step"], caches, batch,
+                                         cache_len, encoder_frames)
     result.update(
         batch=batch,
         cache_len=cache_len,
@@ -231,6 +243,7 @@ class _Entries:
     encoder_frames: int | None
     fold: str
     materialized: bool
+    kv_cache: str = "float"
     steppers: dict[str, DecodeStepper | EngineStepper] = field(default_factory=dict)
     before: dict[str, Callable[[], None]] = field(default_factory=dict)
 
@@ -242,7 +255,8 @@ class _Entries:
             if kind == "engine":  # the runner fuses the fold plan when it is built: one runner per plan
                 if is_mla(m):
                     set_decode_mode(m, "absorbed", self.fold)
-                stepper = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames)
+                stepper = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames,
+                                                kv_cache=self.kv_cache)
             else:
                 stepper = prepare_decode(m, self.batch, self.cache_len, self.encoder_frames, kind, shared=first)
                 first = first or stepper
@@ -259,7 +273,8 @@ class _Entries:
             unfolded = stepper
             if kind == "engine":
                 set_decode_mode(m, "absorbed", "never")
-                unfolded = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames)
+                unfolded = prepare_engine_decode(m, self.batch, self.cache_len, self.encoder_frames,
+                                                 kv_cache=self.kv_cache)
             self.steppers[f"{name}_unfolded{suffix}"] = unfolded
             self.before[f"{name}_unfolded{suffix}"] = _mode_switch(m, "absorbed", "never")
         if self.materialized:
@@ -313,17 +328,40 @@ def _speedups(ms: dict[str, float], caches: tuple[str, ...], baseline: str | Non
 
 
 def _cache_bytes(models: Mapping[str, nn.Module], steppers: Mapping[str, DecodeStepper | EngineStepper], batch: int,
-                 cache_len: int, dtype: torch.dtype, encoder_frames: int | None) -> dict[str, dict[str, int]]:
-    """Cache bytes each model's first entry holds, next to what `slimwhisper.memory` predicts."""
+                 cache_len: int, dtype: torch.dtype, encoder_frames: int | None, kv_cache: str = "float"
+                 ) -> dict[str, dict[str, int]]:
+    """Cache bytes each model's first entry holds, next to what `slimwhisper.memory` predicts (`kv_cache` is
+    the first entry's cache storage)."""
     out = {}
     for name, m in models.items():
         held = cache_bytes_held(steppers[name].cache)
-        analytic = kv_cache_bytes(m, batch, cache_len, dtype, encoder_frames)
+        analytic = (int8_cache_bytes(m, batch, cache_len, dtype, encoder_frames) if kv_cache == "int8"
+                    else kv_cache_bytes(m, batch, cache_len, dtype, encoder_frames))
         out[name] = {
             "held_self": held.self_attention,
             "held_cross": held.cross_attention,
             "analytic_self": analytic.self_attention,
             "analytic_cross": analytic.cross_attention,
+        }
+    return out
+
+
+def roofline_of(models: Mapping[str, nn.Module], ms: Mapping[str, float], traffic: Mapping[str, dict],
+                caches: tuple[str, ...], batch: int, cache_len: int, encoder_frames: int | None) -> dict[str, Any]:
+    """Per entry: FLOPs and least bytes of its step, the roofline bound on this machine's measured peaks
+    (`slimwhisper.roofline`), which of the two binds, and the share of the bound the measured step reaches."""
+    peaks = measure_peaks()
+    out: dict[str, Any] = {"machine": {"gflops": peaks.gflops, "gbps": peaks.gbps}, "entries": {}}
+    for key, measured in ms.items():
+        name = next(n for n in sorted(models, key=len, reverse=True) if key == n or key.startswith(n + "_"))
+        kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
+        kind_bytes = traffic[name + (f"_{kind}" if kind else "")]
+        flops = decode_step_flops(models[name], batch, cache_len, encoder_frames).total
+        bound = peaks.bound_seconds(flops, kind_bytes["total"]) * 1e3
+        out["entries"][key] = {
+            "gflop": flops / 1e9, "mbytes": kind_bytes["total"] / 1e6, "bound_ms": bound,
+            "bound_by": "compute" if flops / peaks.gflops > kind_bytes["total"] / peaks.gbps else "memory",
+            "attained": bound / measured, "gflops_achieved": flops / (measured * 1e6),
         }
     return out
 
@@ -387,6 +425,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-materialized", action="store_true", help="skip the MLA materialised-decode entry")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantise both models as the engine does (int8 linears, CPU) before timing")
+    p.add_argument("--kv-cache", choices=KV_CACHE_KINDS, default="float",
+                   help="engine entries: float cache (default) or the engine's int8 cache")
     p.add_argument("--fold", choices=FOLD_MODES, default="auto",
                    help="fold MLA up-projections into q_proj/out_proj: auto (if cheaper, docs/mla.md), never, always")
     add_model_run_args(p)
@@ -404,14 +444,16 @@ def run(args: argparse.Namespace) -> int:
     result = bench_decode(
         model, baseline, batch=args.batch_size, cache_len=args.cache_len, repeats=args.repeats, warmup=args.warmup,
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
-        progress=not args.json, fold=args.fold,
+        progress=not args.json, fold=args.fold, kv_cache=args.kv_cache,
     )
     result["quantize"] = args.quantize
     if not finish_model_run(result, args, threads):
         for key, ms in result["ms_per_token"].items():
             speed = result.get("speedup", {}).get(key)
             bound = result["traffic"]["bound_speedup"].get(key)
+            roof = result["roofline"]["entries"][key]
             print(f"{key:>28}: {ms:8.2f} ms/step  {result['tokens_per_s'][key]:8.1f} tok/s"
                   + (f"  {speed:.2f}x vs baseline" if speed else "")
-                  + (f" (memory-traffic bound {bound:.2f}x)" if bound else ""))
+                  + (f" (memory-traffic bound {bound:.2f}x)" if bound else "")
+                  + f"  roofline {roof['bound_ms']:.2f} ms ({roof['bound_by']}), {100 * roof['attained']:.0f}% of it")
     return 0
