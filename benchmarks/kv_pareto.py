@@ -84,11 +84,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def group(row: dict) -> str:
+        words = row["variant"].split(" ")
+        return "control" if words[0] == "control" else f"{words[0]}, recovered" if "recovered" in row["variant"] \
+            else words[0]
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (variant, cache), marker in zip(sorted({(r["variant"].split(" ")[0], r["cache"]) for r in rows}), "osD^v<>p*h"):
-        pts = [r for r in rows if r["variant"].split(" ")[0] == variant and r["cache"] == cache]
+    for (name, cache), marker in zip(sorted({(group(r), r["cache"]) for r in rows}), "osD^v<>p*hX"):
+        pts = [r for r in rows if group(r) == name and r["cache"] == cache]
         ax.scatter([r["bytes"] / 2**20 for r in pts], [100 * min(r["wer"], 0.5) for r in pts], marker=marker,
-                   label=f"{variant}, {cache} cache", s=36)
+                   label=f"{name}, {cache} cache", s=36)
     front, best = [], float("inf")
     for r in sorted(rows, key=lambda r: (r["bytes"], r["wer"])):
         if r["wer"] < best:

@@ -100,12 +100,26 @@ def render_e2e(name: str, r: dict) -> str:
 def render_decode(name: str, r: dict) -> str:
     """bench decode: one decode step of the whole batch, model against baseline."""
     speed, same, bound = r.get("speedup", {}), r.get("speedup_same_cache", {}), r["traffic"]["bound_speedup"]
-    rows = [[f"`{k}`", num(ms, 2), num(speed.get(k), 2), num(same.get(k), 2), num(bound.get(k), 2)]
+    roof = r.get("roofline", {}).get("entries", {})
+
+    def roofline(k: str) -> list[str]:
+        e = roof.get(k)
+        if not e:
+            return ["", "", ""]
+        return [f"{e['gflop']:.2f} / {e['mbytes']:.0f}", f"{e['bound_ms']:.2f} ({e['bound_by']})",
+                pct(e["attained"], 0)]
+
+    rows = [[f"`{k}`", num(ms, 2), num(speed.get(k), 2), num(same.get(k), 2), num(bound.get(k), 2), *roofline(k)]
             for k, ms in r["ms_per_token"].items()]
     settings = f"batch {r.get('batch')}, {r.get('cache_len')} cached tokens" + \
-               (f", {r['quantize']} linears" if r.get("quantize") else "")
+               (f", {r['quantize']} linears" if r.get("quantize") else "") + \
+               (f", {r['kv_cache']} KV cache" if r.get("kv_cache", "float") != "float" else "")
+    machine = r.get("roofline", {}).get("machine")
+    if machine:
+        settings += f"; roofline on this machine's {machine['gflops']:.0f} GFLOP/s and {machine['gbps']:.0f} GB/s"
     return f"{settings} (`{name}`).\n\n" + table(
-        ["entry", "ms per step", "speedup vs baseline", "speedup, same cache", "traffic bound"], rows)
+        ["entry", "ms per step", "speedup vs baseline", "speedup, same cache", "traffic bound",
+         "GFLOP / MB per step", "roofline ms", "% of roofline"], rows)
 
 
 def render_encoder(name: str, r: dict) -> str:

@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
         caches=caches, materialized=not args.no_materialized, encoder_frames=args.encoder_frames,
         progress=not args.json, fold=args.fold, kv_cache=args.kv_cache,
     )
-    result["quantize"] = args.quantize
+    result["quantize"], result["kv_cache"] = args.quantize, args.kv_cache
     if not finish_model_run(result, args, threads):
         for key, ms in result["ms_per_token"].items():
             speed = result.get("speedup", {}).get(key)
