@@ -8,7 +8,7 @@ self-attention positions plus one 30-s cross-attention window, fp16 for the floa
 plus float32 scales for the int8 cache (`slimwhisper info --json`).
 
     python benchmarks/kv_pareto.py --model tiny.en --data ../shared/data/realspeech/manifest.jsonl \
-        --language en --work runs/kv-pareto-tiny-en --out benchmarks/results/kv-pareto-tiny-en \
+        --language en --work runs/kv-pareto-tiny-en --out benchmarks/results/pareto-tiny-en \
         --recovered "self+cross 87.5%=runs/ft-tiny-875"
 
 Every step is a `slimwhisper` command whose output stays in --work, so a rerun resumes where it stopped.

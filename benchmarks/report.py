@@ -54,12 +54,13 @@ def command(result: dict) -> str:
 
 
 def provenance(result: dict) -> str:
-    """Command, machine and versions under a table."""
+    """Command, machine and versions under a table (after the result's `inputs`: how its inputs were made)."""
     m, v = result.get("machine", {}), result.get("versions", {})
     machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} threads, " \
               f"{m.get('memory_gib', '?')} GiB" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
     versions = ", ".join(f"{k} {val}" for k, val in v.items())
-    return (f"Command: `{command(result)}`  \nMachine: {machine}; {versions}; "
+    inputs = f"Inputs: {result['inputs']}  \n" if result.get("inputs") else ""
+    return (f"{inputs}Command: `{command(result)}`  \nMachine: {machine}; {versions}; "
             f"{result.get('date', '?')}, commit {str(result.get('commit', '?'))[:12]}.")
 
 
