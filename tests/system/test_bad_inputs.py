@@ -455,6 +455,10 @@ CASES = [
     Case("transcribe --out with a model that fails to load", ["transcribe", "{tmp}/model", TONE, "--out", "{tmp}/o"],
          lambda tmp, m: (tone(tmp, m), _copy_model(then=_truncate)(tmp, m)), hint="again", out="o"),
     Case("transcribe without audio", ["transcribe", TINY], hint="audio"),
+    Case("transcribe --kv-cache int8 with --engine generate",
+         ["transcribe", TINY, TONE, "--engine", "generate", "--kv-cache", "int8"], tone, hint="--engine"),
+    Case("eval --kv-cache int8 with --engine generate", [*EVAL, "--engine", "generate", "--kv-cache", "int8"],
+         _manifest([row(0)]), hint="--engine fast", out="o"),
     # --- manifests
     Case("0-byte manifest", [*EVAL], _manifest([], clips=0), hint="empty", out="o"),
     Case("manifest with a blank line in the middle", [*EVAL], _manifest([row(0), "", row(1)]), expect=0,

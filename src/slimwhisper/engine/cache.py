@@ -10,6 +10,10 @@ caches its latent [B, 1, T, d_c] in the key slot and its kept key dims [B, H, T,
 Buffers outlive a window: `reset(rows)` readies a cache for the next batch of windows without
 allocating, and dropping finished rows compacts them into the head of the same buffers. Fresh
 multi-megabyte tensors cost page faults on every window (a few % of decode time on a CPU).
+
+`for_model(..., kv_cache="int8")` builds `Int8StaticLayer`s and `Int8FixedLayer`s instead: every cached
+vector in int8 with one scale per position and head, dequantised into one `Scratch` shared by all layers
+as each layer attends (docs/mla.md, int8 cache).
 """
 from __future__ import annotations
 

@@ -13,9 +13,11 @@ self-attention runs `self_attention`, with q, k and v projected by one fused lin
 per row when the model is quantised): at batch 1 a small projection costs mostly per call, not per
 weight, so one call instead of three pays. MLA self-attention
 steps likewise project [query | latent | kept key dims] with one fused linear (`mla_self_attention`),
-then run the module's own absorbed arithmetic (`WhisperMLAAttention.attend_latent`); its prefill,
-MLA cross-attention and other devices keep the model's own modules. Fused weights are copies made
-when the runner is built: a runner does not follow later changes to the model's weights.
+then run the module's own absorbed arithmetic (`WhisperMLAAttention.attend_latent`); MLA
+cross-attention caches the window's latent once and reads it absorbed at every call, prefill included
+(`mla_cross_attention`). MLA self-attention prefill and other devices keep the model's own modules.
+Fused weights are copies made when the runner is built: a runner does not follow later changes to the
+model's weights. `kv_cache="int8"` gives the runner an int8 cache (engine/cache.py).
 
 The runner calls a layer's per-step linears through `LayerCalls`: for int8 layers these are the
 quantised op itself (`quantize.direct_call`), which skips nn.Module's per-call work (a real share of a

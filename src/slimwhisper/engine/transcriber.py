@@ -118,6 +118,9 @@ class Transcriber:
         model, processor = slimwhisper.load("tiny.en")
         results = Transcriber(model, processor, quantize="int8").transcribe(["a.wav", "b.flac"])
         print(results[0].text, results[0].segments)
+
+    `quantize="int8"` runs int8 linears; `kv_cache="int8"` keeps the decoder cache in int8 with a scale per
+    position and head (less memory, slower steps on a CPU; docs/mla.md, int8 cache).
     """
 
     def __init__(
