@@ -131,6 +131,13 @@ def test_resume_skips_done_utterances_and_refuses_other_settings(tmp_path: Path,
     other, _ = tiny_whisper_with_processor(True, seed=5)
     with pytest.raises(SlimWhisperError, match="different run"):
         evaluate(other, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m")
+    with pytest.raises(SlimWhisperError, match="different run.*kv_cache"):  # the int8 cache is another run
+        evaluate(model, proc, data.samples, out_dir=out, max_new_tokens=3, progress=False, tag="m", kv_cache="int8")
+    res = evaluate(model, proc, data.samples, out_dir=tmp_path / "int8", max_new_tokens=3, progress=False, tag="m",
+                   kv_cache="int8", quantize="int8")
+    assert res.overall.n_utterances == 4
+    settings = json.loads((tmp_path / "int8" / "summary.json").read_text())["settings"]
+    assert settings["kv_cache"] == "int8" and settings["quantize"] == "int8"
 
 
 def test_baseline_comparison_with_paired_bootstrap(tmp_path: Path, multi, monkeypatch) -> None:

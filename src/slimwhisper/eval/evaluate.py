@@ -162,9 +162,10 @@ def evaluate(
                         engine=engine, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                         quantize=quantize, kv_cache=kv_cache)
     settings = {"models": _model_settings(cands), "engine": engine, "num_beams": num_beams, "language": language,
-                "quantize": quantize, "kv_cache": kv_cache,
                 "max_new_tokens": max_new_tokens, "long_audio": long_audio, "normalizer": NORMALIZER_VERSION,
                 "data": source}
+    # recorded only when used, so logs of runs without them still resume
+    settings.update({k: v for k, v in (("quantize", quantize), ("kv_cache", kv_cache)) if v not in (None, "float")})
     store = UtteranceStore(Path(out_dir), settings, rank=shard.rank, world=shard.world)
     plan = _plan(samples, cands, language, report)
     started = time.perf_counter()
