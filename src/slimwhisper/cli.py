@@ -152,11 +152,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from . import load
     from .audio import load_audio
+    from .decoding import check_engine_options
 
     if args.engine == "generate" and (args.out or args.format != "txt"):
         raise SlimWhisperError("--format and --out need the engine; drop --engine generate")
-    if args.engine == "generate" and (args.quantize or args.kv_cache != "float"):
-        raise SlimWhisperError("--quantize and --kv-cache are the engine's options; drop --engine generate")
+    check_engine_options(args.engine, args.quantize, args.kv_cache)
     audios = [load_audio(p) for p in args.audio]  # fail before loading the model
     out = _transcript_paths(args) if args.out else None
     model, processor = load(args.model, device=resolve_device(args.device))

@@ -71,15 +71,20 @@ def generate_arrays(model, processor, audios: Sequence[np.ndarray], language: st
     return texts
 
 
+def check_engine_options(engine: str, quantize: str | None, kv_cache: str) -> None:
+    """Refuse the engine's int8 options (int8 linears, int8 cache) with transformers' `generate`."""
+    if engine == "generate" and (quantize or kv_cache != "float"):
+        raise SlimWhisperError("--quantize and --kv-cache are the fast engine's options; drop them or use "
+                               "--engine fast")
+
+
 def text_decoder(model, processor, *, engine: str = "fast", batch_size: int = 8, num_beams: int = 1,
                  max_new_tokens: int | None = None, quantize: str | None = None, kv_cache: str = "float"
                  ) -> TextDecoder:
     """A function `(audios, language) -> texts` decoding with `engine` ("fast" or "generate"); `language`
     None lets multilingual models detect it. The engine is built once, so call the function per batch.
     `quantize` (int8 linears) and `kv_cache` (int8 cache) are the engine's options."""
-    if engine == "generate" and (quantize or kv_cache != "float"):
-        raise SlimWhisperError("int8 linears and the int8 KV cache are the fast engine's; drop them or use "
-                               "--engine fast")
+    check_engine_options(engine, quantize, kv_cache)
     if engine == "generate":
         def decode(audios: Sequence[np.ndarray], language: str | None = None) -> list[str]:
             return generate_arrays(model, processor, audios, language, batch_size=batch_size, num_beams=num_beams,

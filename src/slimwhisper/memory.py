@@ -30,12 +30,16 @@ def module_cached_numbers(d_model: int, latent_dim: int | None = None, kept_tota
     return 2 * d_model if latent_dim is None else latent_dim + kept_total
 
 
+def mla_geometries(config: PretrainedConfig, module: str) -> list[dict | None]:
+    """Per decoder layer, the MLA geometry of its `module` ("self_attn" or "encoder_attn"), None where MHA."""
+    layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
+    return [layers.get(f"model.decoder.layers.{i}.{module}") for i in range(config.decoder_layers)]
+
+
 def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
     """Numbers cached per token (self) or per encoder frame (cross), summed over decoder layers."""
-    layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
     total = 0
-    for i in range(config.decoder_layers):
-        geometry = layers.get(f"model.decoder.layers.{i}.{module}")
+    for geometry in mla_geometries(config, module):
         if geometry is None:
             total += module_cached_numbers(config.d_model)
         else:
@@ -47,11 +51,9 @@ def cached_numbers_per_token(config: PretrainedConfig, module: str) -> int:
 def cached_scales_per_token(config: PretrainedConfig, module: str) -> int:
     """Scales an int8 cache holds per token (self) or frame (cross), summed over layers: one per head for
     keys and for values (MHA), one for an MLA latent plus one per head for kept key dims (when it keeps any)."""
-    layers = (getattr(config, "compression", None) or {}).get("mla", {}).get("layers", {})
     heads = config.decoder_attention_heads
     total = 0
-    for i in range(config.decoder_layers):
-        geometry = layers.get(f"model.decoder.layers.{i}.{module}")
+    for geometry in mla_geometries(config, module):
         if geometry is None:
             total += 2 * heads
         else:

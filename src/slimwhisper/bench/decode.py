@@ -352,11 +352,11 @@ def roofline_of(models: Mapping[str, nn.Module], ms: Mapping[str, float], traffi
     (`slimwhisper.roofline`), which of the two binds, and the share of the bound the measured step reaches."""
     peaks = measure_peaks()
     out: dict[str, Any] = {"machine": {"gflops": peaks.gflops, "gbps": peaks.gbps}, "entries": {}}
+    step_flops = {name: decode_step_flops(m, batch, cache_len, encoder_frames).total for name, m in models.items()}
     for key, measured in ms.items():
         name = next(n for n in sorted(models, key=len, reverse=True) if key == n or key.startswith(n + "_"))
-        kind = next((k for k in caches[1:] if key.endswith(f"_{k}")), None)
-        kind_bytes = traffic[name + (f"_{kind}" if kind else "")]
-        flops = decode_step_flops(models[name], batch, cache_len, encoder_frames).total
+        kind_bytes = traffic[_same_cache_ref(key, caches, name)]  # the model's own entry on this cache kind
+        flops = step_flops[name]
         bound = peaks.bound_seconds(flops, kind_bytes["total"]) * 1e3
         out["entries"][key] = {
             "gflop": flops / 1e9, "mbytes": kind_bytes["total"] / 1e6, "bound_ms": bound,

@@ -24,7 +24,7 @@ from ..cliargs import (
 )
 from ..data import open_dataset
 from ..data.records import normalize_language
-from ..decoding import ENGINES
+from ..decoding import ENGINES, check_engine_options
 from ..errors import SlimWhisperError
 from .evaluate import LONG_AUDIO_CHOICES, check_settings, evaluate
 from .report import SUMMARY_JSON, SUMMARY_MD, markdown_table
@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise SlimWhisperError("--limit must be at least 1")
     check_settings(args.batch_size, args.beams, args.engine, args.long_audio, args.max_new_tokens, args.bootstrap)
-    if args.engine == "generate" and (args.quantize or args.kv_cache != "float"):
-        raise SlimWhisperError("--quantize and --kv-cache are the engine's options; drop them or use --engine fast")
+    check_engine_options(args.engine, args.quantize, args.kv_cache)
     data = open_dataset(args.data, split=args.split, keep_language=language, limit=args.limit,
                         on_error="raise" if args.strict else "skip")
     output_folder(args.out)  # after --data is read, so bad data leaves no empty folder (the CLI checked --out)
