@@ -97,10 +97,13 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
         kwargs["theta_attn"], kwargs["theta_mlp"] = parse_theta(args.theta)
     elif args.rank is not None:
         kwargs["rank"] = args.rank
+    elif args.budget is not None:
+        kwargs["budget"] = args.budget
+        kwargs["allocation"] = args.allocation
     elif args.preset is not None:
         kwargs["preset"] = args.preset  # none given: LowRankConfig's default preset
-    if sum(x is not None for x in (args.theta, args.rank, args.preset)) > 1:
-        raise SlimWhisperError("give only one of --preset, --theta, --rank")
+    if sum(x is not None for x in (args.theta, args.rank, args.preset, args.budget)) > 1:
+        raise SlimWhisperError("give only one of --preset, --theta, --rank, --budget")
     config = LowRankConfig(**kwargs)
     out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
     _check_calibration(args)
@@ -122,7 +125,8 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     summary = describe(slim.config)
     enc = summary["encoder_params"]
     print(json.dumps({"out": str(out), "encoder_params": enc, "encoder_ratio": enc["compressed"] / enc["original"],
-                      "compressed_linears": len(summary["lowrank"]["ranks"])}))
+                      "compressed_linears": len(summary["lowrank"]["ranks"]),
+                      "linear_flops_kept": summary["lowrank"]["linear_flops_kept"]}))
     return 0
 
 
@@ -289,6 +293,11 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality (default), b: balanced, c: efficiency")
     p.add_argument("--theta", help="energy thresholds ATTN:MLP, e.g. 0.99:0.999 (one value: both)")
     p.add_argument("--rank", type=int, help="one fixed rank for every encoder linear")
+    p.add_argument("--budget", type=float, help="keep this share of the encoder's linear FLOPs (e.g. 0.6), ranks "
+                   "shared out as --allocation says")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
+                   help="with --budget: one rank for all linears (uniform, default) or ranks where the encoder's "
+                   "output error, probed on the calibration audio, grows least per FLOP saved (greedy)")
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")

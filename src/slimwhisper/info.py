@@ -79,7 +79,8 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         if mla
         else None,
         "encoder_params": encoder_params,
-        "lowrank": {"recipe": lowrank.get("recipe"), "ranks": dict(lowrank.get("layers", {}))} if lowrank else None,
+        "lowrank": {"recipe": lowrank.get("recipe"), "ranks": dict(lowrank.get("layers", {})),
+                    "linear_flops_kept": lowrank.get("linear_flops_kept")} if lowrank else None,
         "compression_format_version": compression.get("format_version"),
         "source": getattr(config, "slimwhisper_source", None),
     }

@@ -40,6 +40,9 @@ def test_cli_prints_json(capsys, tiny_model, slim, command):
     else:
         assert result["repeats"] == 1 and result["warmup"] == 0
         assert result["ms_per_pass"]["model"] == pytest.approx(result["times_ms"]["model"][0], abs=1e-3)
+        assert result["quantize"] is None  # the roofline on this machine's measured peaks, a profile per model
+        assert result["roofline"]["machine"]["gflops"] > 0 and "int8_gflops" not in result["roofline"]["machine"]
+        assert set(result["profile"]) == set(result["roofline"]["entries"]) == {"model", "baseline"}
 
 
 def test_cli_bad_threads_is_a_user_error(capsys, tiny_model):

@@ -42,6 +42,7 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
     assert rtf["faster_whisper_int8"] is None and "CTranslate2" in printed["details"]["faster_whisper_int8"]["skipped"]
     assert wer["slimwhisper_fp32"] == wer["hf_generate"]
     assert printed["details"]["slimwhisper"]["engine"]["quantize"] == "int8"
+    assert printed["details"]["slimwhisper"]["engine"]["kv_cache"] == "float"
     assert printed["audio_seconds"] == pytest.approx(3 * 0.6, rel=1e-3)
     # decoder-only per-token figures: the fp32 engine and generate decode the same tokens from the same encoder
     # outputs, so their token counts agree exactly (a miscount of generate's output would show here)
@@ -55,6 +56,24 @@ def test_bench_e2e_cli_reports_every_system(tmp_path, capsys):
         assert figures["speedup_vs_hf_generate"]["slimwhisper"] == pytest.approx(ms["hf_generate"] / ms["slimwhisper"])
         assert figures["rounds"] == 3 and all(len(r) == 3 for r in figures["rounds_s"].values())
         assert figures["decode_s"]["hf_generate"] == pytest.approx(min(figures["rounds_s"]["hf_generate"]), abs=1e-3)
+
+
+def test_bench_e2e_int8_cache_is_the_offered_engines_only(tmp_path, capsys):
+    """--kv-cache int8 runs the offered engine ("slimwhisper") with the int8 cache; the fp32 engine keeps the
+    float cache."""
+    from slimwhisper.loading.processor import save_processor
+
+    model, processor = tiny_pair(False)
+    model.save_pretrained(tmp_path / "m")
+    save_processor(processor, tmp_path / "m")
+    manifest = write_clips(tmp_path / "d", n=2)
+    argv = ["bench", "e2e", "--model", str(tmp_path / "m"), "--data", str(manifest), "--batch", "2", "--json",
+            "--out", str(tmp_path / "e2e"), "--systems", "slimwhisper", "slimwhisper_fp32", "--no-per-token",
+            "--kv-cache", "int8"]
+    assert main(argv) == 0
+    details = json.loads(capsys.readouterr().out)["details"]
+    assert details["slimwhisper"]["engine"]["kv_cache"] == "int8"
+    assert details["slimwhisper_fp32"]["engine"]["kv_cache"] == "float"
 
 
 def test_bench_e2e_compiled_system_is_opt_in_and_reports_compile_time(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""engine/quantize.py: int8 quantisation of plain and MLA models, direct and stacked int8 calls."""
+"""engine/quantize.py: int8 quantisation of plain, MLA and low-rank models, direct and stacked int8 calls."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +8,12 @@ from conftest import engine_tokens, generate_tokens, varied_features, varied_whi
 from slimwhisper.engine.quantize import (
     Int8Call,
     direct_call,
+    is_quantized_linear,
     quantize_dynamic_int8,
     quantize_linear_int8,
     stack_int8_rows,
 )
+from slimwhisper.lowrank import LowRankConfig, LowRankLinear
 
 
 def test_transcriber_int8_quantisation_runs_on_mla(tiny_model):
@@ -41,3 +43,27 @@ def test_direct_int8_calls_give_the_modules_results_bitwise():
         stacked = stack_int8_rows(modules)
         assert torch.equal(stacked(x), torch.cat([m(x) for m in modules], dim=-1))
     assert stack_int8_rows([modules[0], float_linears[1]]) is None and stack_int8_rows([]) is None
+
+
+def test_lowrank_encoder_int8_quantises_both_halves_and_stays_close_to_fp32(tiny_model, encoder_stats):
+    """Both halves of every `LowRankLinear` become int8, except the up-projections the rank-space attention
+    reads as tensors (they stay float); the int8 encoder's output stays close to the float one on both paths."""
+    slim = sw.convert(tiny_model, LowRankConfig(rank=8, granule=8), calibration=encoder_stats)
+    reduced, standard = (layer.self_attn for layer in slim.model.encoder.layers)
+    standard.attention_path = "standard"
+    assert reduced.reduced_plan(1500) == (True, True) and standard.reduced_plan(1500) == (False, False)
+    q = quantize_dynamic_int8(slim)
+    q_reduced, q_standard = (layer.self_attn for layer in q.model.encoder.layers)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert is_quantized_linear(getattr(q_reduced, proj).down)
+        assert type(getattr(q_reduced, proj).up) is torch.nn.Linear  # read as a tensor by the rank-space path
+        assert is_quantized_linear(getattr(q_standard, proj).up) and is_quantized_linear(getattr(q_standard, proj).down)
+    for layer in q.model.encoder.layers:
+        for lin in (layer.self_attn.out_proj, layer.fc1, layer.fc2):
+            assert isinstance(lin, LowRankLinear) and is_quantized_linear(lin.down) and is_quantized_linear(lin.up)
+    features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = slim.get_encoder()(features).last_hidden_state
+        out = q.get_encoder()(features).last_hidden_state
+    assert not torch.equal(out, ref)  # int8 did run
+    torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0.0)

@@ -26,3 +26,14 @@ def test_config_validation_presets_and_roundtrip():
         LowRankConfig(version=99)
     with pytest.raises(ConfigVersionError):
         LowRankConfig.from_dict({"nope": 1})
+
+
+def test_budget_is_its_own_recipe():
+    config = LowRankConfig(budget=0.6)
+    assert config.budget == 0.6 and config.preset is None and config.theta_for("fc1") is None
+    assert LowRankConfig.from_dict(config.to_dict()) == config
+    for bad in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(SlimWhisperError, match="budget"):
+            LowRankConfig(budget=bad)
+    with pytest.raises(SlimWhisperError, match="only one"):
+        LowRankConfig(budget=0.5, preset="b")

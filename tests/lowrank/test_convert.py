@@ -63,3 +63,57 @@ def test_composes_with_mla(tiny_model, features, encoder_stats, tmp_path, order)
         sw.convert(both, lr_cfg, calibration=encoder_stats)
     with pytest.raises(SlimWhisperError):
         sw.convert(both, mla_cfg)
+
+
+def test_probed_error_is_the_factorised_linears_error(encoder_stats):
+    """The probe (outputs projected by a hook) measures exactly what the factorised linear does to the encoder."""
+    import copy
+
+    from conftest import calib_audio, tiny_whisper
+    from slimwhisper.lowrank.calibrate import probe_errors, probe_features
+    from slimwhisper.lowrank.convert import find_linears
+    from slimwhisper.lowrank.math import pca_factors, probe_ranks
+
+    model = tiny_whisper().eval()
+    name = "model.encoder.layers.0.fc1"
+    linears = {name: find_linears(model, ("fc1",))[name]}
+    features = probe_features(model, calib_audio(), windows=2)
+    errors = probe_errors(model, linears, encoder_stats, features, granule=8, progress=False)
+    d_in, d_out = linears[name].in_features, linears[name].out_features
+    assert sorted(errors[name]) == probe_ranks(d_in, d_out, 8)
+    k = probe_ranks(d_in, d_out, 8)[1]
+    first, second, bias = pca_factors(linears[name].weight, linears[name].bias, encoder_stats.layers[name].mean(),
+                                      None, k, encoder_stats.basis(name))
+    factored = copy.deepcopy(model)
+    low = LowRankLinear(d_in, d_out, k)
+    with torch.no_grad():
+        low.down.weight.copy_(first.float())
+        low.up.weight.copy_(second.float())
+        low.up.bias.copy_(bias.float())
+    factored.model.encoder.layers[0].fc1 = low
+    with torch.no_grad():
+        ref = model.get_encoder()(features).last_hidden_state.double()
+        out = factored.get_encoder()(features).last_hidden_state.double()
+    error = float((out - ref).pow(2).mean() / ref.pow(2).mean())
+    assert error > 0 and errors[name][k] == pytest.approx(error, rel=1e-3)
+    # fewer components, more error
+    ranks = sorted(errors[name])
+    assert errors[name][ranks[0]] > errors[name][ranks[-1]]
+
+
+def test_budget_conversion_keeps_its_share_of_flops_and_reloads(tiny_model, features, tmp_path):
+    from conftest import calib_audio
+
+    slim = sw.convert(tiny_model, LowRankConfig(budget=0.5, granule=8), calibration=calib_audio(), progress=False)
+    spec = slim.config.compression["lowrank"]
+    assert spec["recipe"]["budget"] == 0.5 and 0 < spec["linear_flops_kept"] <= 0.5
+    linears = {n: m for n, m in slim.named_modules() if isinstance(m, LowRankLinear)}
+    assert {n: m.rank for n, m in linears.items()} == spec["layers"]
+    dense = sum(m.in_features * m.out_features for m in tiny_model.modules()
+                if isinstance(m, torch.nn.Linear) and m in set(tiny_model.model.encoder.modules()))
+    kept = sum(m.rank * (m.in_features + m.out_features) - m.in_features * m.out_features for m in linears.values())
+    assert (dense + kept) / dense == pytest.approx(spec["linear_flops_kept"], abs=1e-6)
+    assert describe(slim.config)["lowrank"]["linear_flops_kept"] == spec["linear_flops_kept"]
+    slim.save_pretrained(tmp_path / "m")
+    again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(again, features), logits(slim, features))

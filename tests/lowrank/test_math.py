@@ -127,3 +127,51 @@ def test_auto_attention_plan_keeps_one_head_dim_for_the_fused_kernel():
     assert keep_fused_kernel((True, True), 64, 32, 16, 24) == (False, False)
     assert keep_fused_kernel((False, True), 64, None, None, 64) == (False, True)
     assert keep_fused_kernel((True, True), 64, 16, 40, 17) == (True, True)  # query space: 16 + 1 bias dim
+
+
+def _spectrum(decay: float, d: int = 64) -> torch.Tensor:
+    return torch.tensor([decay**i for i in range(d)], dtype=torch.float64)
+
+
+def test_budget_ranks_meet_the_budget_and_favour_the_compressible_linear():
+    from slimwhisper.lowrank.math import budget_ranks, flops_kept
+
+    # "flat" spreads its variance over all 64 directions, "steep" holds it in a few: at one budget the
+    # allocation cuts "steep" deeper than "flat"
+    spectra = {"flat": (_spectrum(0.99, 128), 128, 128), "steep": (_spectrum(0.5, 128), 128, 128)}
+    shapes = {n: (d_in, d_out) for n, (_, d_in, d_out) in spectra.items()}
+    for budget in (0.8, 0.5, 0.3):
+        ranks = budget_ranks(spectra, budget, granule=8)
+        assert flops_kept(ranks, shapes) <= budget + 1e-9
+        assert ranks["steep"] is not None and (ranks["flat"] is None or ranks["steep"] < ranks["flat"])
+    # a budget no rank can meet ends with every linear at its smallest rank
+    assert budget_ranks(spectra, 0.01, granule=8) == {"flat": 8, "steep": 8}
+    assert budget_ranks(spectra, 0.999, granule=8) == {"flat": None, "steep": 56}  # one step: the cheapest one
+
+
+def test_budget_ranks_follow_the_measured_errors():
+    from slimwhisper.lowrank.math import budget_ranks
+
+    spectra = {"a": (_spectrum(0.9), 64, 64), "b": (_spectrum(0.9), 64, 64)}
+    even = budget_ranks(spectra, 0.5, granule=8)
+    assert even["a"] == even["b"]
+    # the same spectra, but an error in "b" costs the output 100 times more: "b" keeps more rank
+    errors = {"a": {8: 0.01, 16: 0.005, 24: 0.002}, "b": {8: 1.0, 16: 0.5, 24: 0.2}}
+    skewed = budget_ranks(spectra, 0.5, granule=8, errors=errors)
+    assert skewed["b"] is None or skewed["b"] > skewed["a"]
+
+
+def test_predicted_error_meets_every_measure_and_falls_to_zero_at_full_rank():
+    from slimwhisper.lowrank.math import lost_energy, predicted_error, probe_ranks, rank_options
+
+    values = _spectrum(0.9, 128)
+    measured = {8: 0.4, 32: 0.1, 56: 0.02}
+    assert [predicted_error(values, measured, k) for k in measured] == pytest.approx(list(measured.values()))
+    assert predicted_error(values, measured, 128) == 0.0
+    between = predicted_error(values, measured, 16)
+    assert 0.1 < between < 0.4
+    # linear in lost energy between the two measures
+    share = (lost_energy(values, 8) - lost_energy(values, 16)) / (lost_energy(values, 8) - lost_energy(values, 32))
+    assert between == pytest.approx(0.4 + share * (0.1 - 0.4))
+    assert probe_ranks(128, 128, 8) == [8, 24, 32, 40, 56] and probe_ranks(64, 64, 8) == rank_options(64, 64, 8)
+    assert probe_ranks(8, 8, 8) == []

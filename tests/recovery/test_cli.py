@@ -30,3 +30,28 @@ def test_cli_errors(capsys, tmp_path):
     code, _, err = cli(capsys, "finetune", str(lost), "--train", str(manifest), "--out", str(tmp_path / "o3"),
                        "--batch-size", "6", "--micro-batch-size", "4")
     assert code == 2 and "multiple" in err
+
+
+def test_low_rank_encoder_gets_its_recipe_unless_told_otherwise():
+    import argparse
+
+    from slimwhisper.cli import build_parser
+    from slimwhisper.recovery.cli import config_from_args
+    from slimwhisper.recovery.config import LOWRANK_ENCODER_RECIPE, FinetuneConfig
+
+    parser = build_parser()
+
+    def config(*extra: str, compression=None) -> FinetuneConfig:
+        args = parser.parse_args(["finetune", "m", "--train", "t", "--out", "o", *extra])
+        assert isinstance(args, argparse.Namespace)
+        return config_from_args(args, compression)
+
+    plain = config()
+    assert plain == FinetuneConfig()
+    lowrank = config(compression={"lowrank": {"layers": {}}})
+    assert {k: getattr(lowrank, k) for k in LOWRANK_ENCODER_RECIPE} == LOWRANK_ENCODER_RECIPE
+    assert lowrank.encoder_weight > 0 and lowrank.scope == "converted"
+    told = config("--lr", "5e-5", "--scope", "all", compression={"lowrank": {"layers": {}}})
+    assert (told.lr, told.scope, told.encoder_weight) == (5e-5, "all", LOWRANK_ENCODER_RECIPE["encoder_weight"])
+    assert config("--encoder-weight", "0", compression={"lowrank": {}}).encoder_weight == 0.0
+    assert config(compression={"mla": {}}) == FinetuneConfig()

@@ -55,3 +55,19 @@ def test_lr_schedules():
     assert lr_factor(94, 100, 10, "wsd") == pytest.approx(0.1 + 0.9 * (1 - 0.5**0.5))
     # cosine halfway through the steps after warmup: halfway between 1 and min_ratio
     assert lr_factor(55, 101, 10, "cosine") == pytest.approx(0.55)  # step 45 of the 90 after warmup
+
+
+def test_encoder_distillation_is_relative_per_utterance():
+    from slimwhisper.recovery.losses import encoder_distillation
+
+    teacher = torch.randn(2, 30, 8)
+    assert float(encoder_distillation(teacher.clone(), teacher)) == 0.0
+    off = teacher + 0.1 * torch.randn(2, 30, 8)
+    one = float(encoder_distillation(off, teacher))
+    assert one > 0
+    # scaling an utterance and its error together leaves its term unchanged; the batch sums utterances
+    scaled = teacher * torch.tensor([10.0, 1.0])[:, None, None]
+    off_scaled = off * torch.tensor([10.0, 1.0])[:, None, None]
+    assert float(encoder_distillation(off_scaled, scaled)) == pytest.approx(one, rel=1e-5)
+    halves = [float(encoder_distillation(off[i : i + 1], teacher[i : i + 1])) for i in range(2)]
+    assert sum(halves) == pytest.approx(one, rel=1e-5)

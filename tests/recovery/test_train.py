@@ -117,3 +117,36 @@ def test_real_tiny_en_few_steps_lowers_the_loss(tmp_path):
     rows = (tmp_path / "w" / "loss.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[2]) for r in rows]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(english, tmp_path):
+    import csv
+
+    from conftest import calib_audio
+    from slimwhisper.lowrank import LowRankConfig
+
+    original, processor = english
+    student = sw.convert(original, LowRankConfig(rank=8, granule=8), calibration=calib_audio(), progress=False)
+    with torch.no_grad():  # push the encoder well away from its original, so the distillation has work to do
+        for name, p in student.named_parameters():
+            if name.endswith("up.weight"):
+                p.mul_(1.5)
+    manifest = write_clips(tmp_path / "d", n=4)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    # the encoder's own term alone (the logit terms of a random tiny model pull it elsewhere)
+    config = FinetuneConfig(**{**FAST, "steps": 6, "scope": "converted", "encoder_weight": 1.0, "lr": 3e-3,
+                               "ce_weight": 0.0, "kd_weight": 1e-9})
+    result = finetune(student, manifest, config, processor=processor, teacher=original, work_dir=tmp_path / "w",
+                      cache_dir=tmp_path / "c", progress=False)
+    assert not result.encoder_cached
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".down." in n or ".up." in n for n in changed)
+    with (tmp_path / "w" / "loss.csv").open() as f:
+        enc = [float(r["enc"]) for r in csv.DictReader(f)]
+    assert len(enc) == 6 and all(e > 0 for e in enc)
+    # the same 4 clips make every step's batch: the error on them falls
+    assert enc[-1] < 0.5 * enc[0]
+    frozen = FinetuneConfig(**{**FAST, "steps": 1, "scope": "decoder", "encoder_weight": 1.0})
+    with pytest.raises(SlimWhisperError, match="encoder-weight"):
+        finetune(student, manifest, frozen, processor=processor, teacher=original, cache_dir=tmp_path / "c",
+                 progress=False)

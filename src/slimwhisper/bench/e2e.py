@@ -62,6 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pause", type=float, default=0.6, help="seconds of silence between joined utterances")
     p.add_argument("--languages", help="keep only utterances in these languages (comma-separated), and let every "
                    "system detect the language (--language forces one)")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="decoder cache of the \"slimwhisper\" system (the engine as offered): float (default) or int8")
     p.add_argument("--no-per-token", action="store_true", help="skip the decoder-only per-token comparison")
     p.add_argument("--per-token-rounds", type=int, default=4,
                    help="interleaved rounds of the per-token comparison (the fastest counts: more rounds, "
@@ -131,14 +133,14 @@ def _dynamo_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def _engine(model, processor, audios, language, batch, quantize, compile: bool = False
+def _engine(model, processor, audios, language, batch, quantize, compile: bool = False, kv_cache: str = "float"
             ) -> tuple[list[str], float, dict]:
     """Engine texts and timed wall; the untimed warm-up (with `compile`, every encoder shape) is `warmup_s`."""
     import torch
 
     from ..engine import Transcriber
 
-    engine = Transcriber(model, processor, batch_size=batch, quantize=quantize, compile=compile)
+    engine = Transcriber(model, processor, batch_size=batch, quantize=quantize, compile=compile, kv_cache=kv_cache)
     breaks_before = _dynamo_counts()[1] if compile else 0
     t0 = time.perf_counter()  # torch.compile is lazy: compiling happens in the first calls below
     engine.transcribe(audios[:1], language=language, temperature=0.0)  # warm-up
@@ -363,7 +365,7 @@ def _run_systems(model, processor, audios: list, refs: list[str], seconds: float
     for system in args.systems:
         try:
             texts, wall, stats = _run_system(system, model, processor, audios, language, args.batch_size, threads,
-                                             device)
+                                             device, args.kv_cache)
         except (ImportError, SlimWhisperError) as exc:
             rtf[system] = wer[system] = None
             extra[system] = {"skipped": str(exc)}
@@ -380,14 +382,17 @@ def _run_systems(model, processor, audios: list, refs: list[str], seconds: float
 
 
 def _run_system(system: str, model, processor, audios: list, language: str | None, batch: int, threads: int,
-                device) -> tuple[list[str], float, dict | None]:
+                device, kv_cache: str = "float") -> tuple[list[str], float, dict | None]:
     """One system's texts and timed wall, and the engine's stats (None for the other systems)."""
     if system.startswith("slimwhisper"):
         # like for like with faster_whisper_int8: the engine's int8 linears on a CPU
-        quant = "int8" if system == "slimwhisper" and device.type == "cpu" else None
+        offered = system == "slimwhisper" and device.type == "cpu"
+        quant = "int8" if offered else None
+        cache = kv_cache if offered else "float"  # --kv-cache int8 is part of the offered engine only
         compiled = system == "slimwhisper_compiled"
-        texts, wall, stats = _engine(model, processor, audios, language, batch, quant, compiled)
+        texts, wall, stats = _engine(model, processor, audios, language, batch, quant, compiled, cache)
         stats["quantize"] = quant
+        stats["kv_cache"] = cache
         return texts, wall, stats
     if system == "hf_generate":
         texts, wall = _generate(model, processor, audios, language, batch)

@@ -15,19 +15,32 @@ QUANTIZE_CHOICES = ("int8",)
 
 
 def weight_read_linears(model: nn.Module) -> set[str]:
-    """Names of linears whose `.weight` tensor is read directly (MLA's absorbed decode): they stay float."""
+    """Names of linears whose `.weight` tensor is read directly: they stay float.
+
+    MLA's absorbed decode reads its up-projections; a low-rank encoder's rank-space attention reads the
+    up-projections of the parts it reduces (q and k for the scores, v for the values), as planned for the
+    encoder's one sequence length (`max_source_positions`; Whisper's encoder always sees 30 s) under the
+    module's `attention_path` at quantisation time.
+    """
+    from ..lowrank.modules import WhisperLowRankAttention
+
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, WhisperMLAAttention):
             names.update(f"{name}.{child}" for child in ("up_k", "up_v"))
+        elif isinstance(module, WhisperLowRankAttention):
+            scores, values = module.reduced_plan(module.config.max_source_positions)
+            read = ("q_proj", "k_proj") * scores + ("v_proj",) * values
+            names.update(f"{name}.{proj}.up" for proj in read)
     return names
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` whose nn.Linear layers run int8 weights with dynamically quantised activations.
 
-    CPU only (torch's dynamic quantisation kernels); MLA up-projections stay float because the absorbed
-    decode reads their weights as tensors.
+    CPU only (torch's dynamic quantisation kernels). Both halves of a low-rank encoder's `LowRankLinear`s
+    are quantised, except the up-projections that its rank-space attention reads as tensors, which stay
+    float like MLA's up-projections (the absorbed decode reads them); see `weight_read_linears`.
     """
     if next(model.parameters()).device.type != "cpu":
         raise SlimWhisperError("int8 quantisation runs on the CPU only; drop --quantize or use --device cpu")

@@ -406,3 +406,79 @@ def work_folder_for(out: str | Path) -> Path:
     the model is complete and a re-run of the same command (same OUT) finds them."""
     out = Path(out)
     return out.parent / f".{out.name}.calibration"
+
+
+# Windows of calibration audio the budget allocation probes each linear's sensitivity on.
+PROBE_WINDOWS = 4
+
+
+def probe_features(model: nn.Module, items: list, windows: int = PROBE_WINDOWS) -> torch.Tensor:
+    """Log-mel features [n, n_mels, 3000]: the first 30-s window of `windows` recordings spread evenly over
+    `items` (a manifest sorted by language or speaker still gives a mixed probe)."""
+    from ..calibration import feature_batches
+
+    param = next(model.parameters())
+    chosen = [items[round(i * len(items) / windows)] for i in range(min(windows, len(items)))]
+    firsts = (next(stream_windows([item])) for item in chosen)
+    batches = feature_batches(firsts, model.config.num_mel_bins, windows)
+    return next(iter(batches)).to(param.device, param.dtype)
+
+
+def _layer_inputs(encoder: nn.Module, features: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The hidden states entering every encoder layer, and the encoder's output, from one pass."""
+    inputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for layer in encoder.layers]
+    try:
+        output = encoder(features).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, output
+
+
+def _tail(encoder: nn.Module, hidden: torch.Tensor, first: int) -> torch.Tensor:
+    """The encoder's output from the input of layer `first` on (the layers before it are unchanged)."""
+    for layer in encoder.layers[first:]:
+        hidden = layer(hidden, None)
+    return encoder.layer_norm(hidden)
+
+
+@torch.no_grad()
+def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: EncoderStats, features: torch.Tensor,
+                 granule: int, progress: bool = True) -> dict[str, dict[int, float]]:
+    """Per linear and probed rank k (`math.probe_ranks`): the encoder output's relative squared error when that
+    linear alone keeps k principal components of its outputs (what a rank-k factorisation computes).
+
+    The encoder runs once to record every layer's input, then each probe runs on from the linear's layer.
+    Whisper's residual stream carries a few huge activation channels, so a linear's share of its own
+    output energy says little about what its loss does downstream; this measures that directly.
+    """
+    from .math import probe_ranks
+
+    encoder = model.get_encoder()
+    inputs, reference = _layer_inputs(encoder, features)
+    energy = reference.double().pow(2).mean()
+    on_disk = isinstance(stats.layers, FileLayers)
+    errors: dict[str, dict[int, float]] = {}
+    for name, linear in tqdm(linears.items(), desc="probing ranks", unit="linear", disable=not progress):
+        errors[name] = {}
+        ranks = probe_ranks(linear.in_features, linear.out_features, granule)
+        if not ranks:  # no rank saves FLOPs: the allocation keeps it dense
+            continue
+        vectors = stats.basis(name)[1].to(features.dtype)
+        mean = stats.layers[name].mean().to(features.dtype)
+        for k in ranks:
+            basis = vectors[:, :k]
+
+            def project(_module, _args, y, basis=basis, mean=mean):
+                return mean + ((y - mean) @ basis) @ basis.T
+
+            handle = linear.register_forward_hook(project)
+            try:
+                output = _tail(encoder, inputs[layer_index(name)], layer_index(name))
+            finally:
+                handle.remove()
+            errors[name][k] = float((output.double() - reference.double()).pow(2).mean() / energy)
+        if on_disk:
+            stats.forget(name)
+    return errors

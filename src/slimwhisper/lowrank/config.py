@@ -18,6 +18,7 @@ LOWRANK_FORMAT_VERSION = 1
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 ATTENTION_TARGETS = TARGETS[:4]
 ENERGIES = ("linear", "squared")
+ALLOCATIONS = ("uniform", "greedy")
 
 # Presets per energy mode: (theta_attn, theta_mlp). "a" = quality, "b" = balanced, "c" = efficiency.
 # Squared energy: the LiteASR paper/code values (0.999 everywhere; the code default 0.99:0.999; a lower
@@ -44,6 +45,12 @@ class LowRankConfig(Recipe):
         preset: "a" (quality; the default: the only preset usable on tiny/base without recovery
             training), "b" (balanced) or "c" (efficiency); sets both thetas for `energy`.
         rank: a fixed rank for every target instead of thresholds (rounded to nothing; dense rule applies).
+        budget: keep this share (0-1) of the target linears' FLOPs instead of thresholds: ranks are
+            allocated across layers and linears, each granule going where it loses the least output
+            energy per FLOP saved (`math.budget_ranks`).
+        allocation: how a budget is shared: "uniform" (one rank for every linear, the largest that fits)
+            or "greedy" (ranks where the encoder output's error, measured on calibration audio one
+            linear at a time, grows least per FLOP saved).
         energy: "squared" (default: sum of squared singular values = explained variance, the LiteASR
             paper; better than "linear" at preset "a" on tiny.en and base and at "b" on base) or
             "linear" (sum of singular values; better only at "b" on tiny.en, where squared collapsed).
@@ -58,6 +65,8 @@ class LowRankConfig(Recipe):
     theta_mlp: float | None = None
     preset: str | None = None
     rank: int | None = None
+    budget: float | None = None
+    allocation: str = "uniform"
     energy: str = "squared"
     granule: int = 16
     targets: tuple[str, ...] = TARGETS
@@ -78,15 +87,18 @@ class LowRankConfig(Recipe):
         for t in self.targets:
             if t not in TARGETS:
                 raise SlimWhisperError(f"unknown low-rank target {t!r}; choose from {', '.join(TARGETS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise SlimWhisperError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.energy not in ENERGIES:
             raise SlimWhisperError(f"unknown energy {self.energy!r}; choose from {', '.join(ENERGIES)}")
         if self.granule not in (8, 16):
             raise SlimWhisperError(f"granule must be 16 (or 8 for tiny models), got {self.granule}")
         thetas = self.theta_attn is not None or self.theta_mlp is not None
-        options = (("theta", thetas), ("preset", self.preset is not None), ("rank", self.rank is not None))
+        options = (("theta", thetas), ("preset", self.preset is not None), ("rank", self.rank is not None),
+                   ("budget", self.budget is not None))
         given = [n for n, ok in options if ok]
         if len(given) > 1:
-            raise SlimWhisperError(f"give only one of theta, preset, rank (got {', '.join(given)})")
+            raise SlimWhisperError(f"give only one of theta, preset, rank, budget (got {', '.join(given)})")
         if not given:
             object.__setattr__(self, "preset", DEFAULT_PRESET)
         if self.preset is not None:
@@ -106,10 +118,15 @@ class LowRankConfig(Recipe):
                 raise SlimWhisperError(f"{name} must be in (0, 1], e.g. 0.99, got {value}")
         if self.rank is not None and self.rank <= 0:
             raise SlimWhisperError(f"rank must be positive, got {self.rank}")
+        if self.budget is not None:
+            object.__setattr__(self, "budget", float(self.budget))
+            if not 0.0 < self.budget < 1.0:
+                raise SlimWhisperError(f"budget is the share of the encoder's linear FLOPs to keep, in (0, 1), "
+                                       f"e.g. 0.6; got {self.budget}")
 
     def theta_for(self, target: str) -> float | None:
-        """The threshold for a target name (None in fixed-rank mode)."""
-        if self.rank is not None:
+        """The threshold for a target name (None in fixed-rank and budget modes)."""
+        if self.rank is not None or self.budget is not None:
             return None
         return self.theta_attn if target.startswith("self_attn.") else self.theta_mlp
 

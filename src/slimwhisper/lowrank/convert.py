@@ -33,9 +33,11 @@ from .calibrate import (
     audio_key,
     encoder_fingerprint,
     measure_stats,
+    probe_errors,
+    probe_features,
 )
 from .config import LowRankConfig
-from .math import energy_rank, fixed_rank, pca_factors
+from .math import budget_ranks, energy_rank, fixed_rank, flops_kept, pca_factors, uniform_budget_ranks
 from .modules import LowRankLinear, WhisperLowRankAttention
 
 ENCODER_LAYERS = "model.encoder.layers"
@@ -117,10 +119,28 @@ def _rank_for(name: str, linear: nn.Linear, config: LowRankConfig, stats: Encode
                        linear.out_features, config.energy, config.dense_if_no_saving)
 
 
+def allocate_budget(linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
+                    errors: dict[str, dict[int, float]] | None = None) -> dict[str, int | None]:
+    """Ranks for `config.budget` across all target linears (`errors` from `probe_errors`; without them each
+    linear's own share of lost energy). Each spectrum is read and reduced to its eigenvalues one linear at a
+    time, so a file-backed large model never holds more than one covariance."""
+    if config.allocation == "uniform":
+        return uniform_budget_ranks({n: (m.in_features, m.out_features) for n, m in linears.items()}, config.budget,
+                                    config.granule)
+    spectra = {}
+    for name, linear in linears.items():
+        values = torch.linalg.eigvalsh(stats.layers[name].covariance()).flip(0)
+        spectra[name] = (values, linear.in_features, linear.out_features)
+    return budget_ranks(spectra, config.budget, config.granule, errors)
+
+
 def choose_ranks(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -> dict[str, int]:
     """fqn -> rank for every target that gets factorised (dense ones are left out)."""
+    linears = find_linears(model, config.targets)
+    if config.budget is not None:
+        return {n: k for n, k in allocate_budget(linears, config, stats).items() if k is not None}
     ranks: dict[str, int] = {}
-    for name, linear in find_linears(model, config.targets).items():
+    for name, linear in linears.items():
         k = _rank_for(name, linear, config, stats)
         if k is not None:
             ranks[name] = k
@@ -141,22 +161,37 @@ def _stats_for(model: nn.Module, config: LowRankConfig, calibration: Any, work_d
     """A context giving the statistics: given, loaded from a file, or measured (into `work_dir` if any)."""
     if isinstance(calibration, EncoderStats):
         return nullcontext(_check_stats(model, config, calibration))
-    if isinstance(calibration, (str, Path)) and (
-        str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file()
-    ):
+    if _is_stats_file(calibration):
         return nullcontext(_check_stats(model, config, EncoderStats.load(calibration)))
     return _measured(model, calibration, config, work_dir, limit, batch_size, budget_bytes, progress)
 
 
-def _factorise(linears: dict[str, nn.Linear], config: LowRankConfig,
-               stats: EncoderStats) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+def _is_stats_file(calibration: Any) -> bool:
+    return isinstance(calibration, (str, Path)) and (
+        str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file())
+
+
+def _errors(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
+            calibration: Any, limit: int | None, progress: bool) -> dict[str, dict[int, float]] | None:
+    """Measured errors for a budget allocation, probed on the calibration audio (the bundled clips when the
+    statistics were given without audio); None for threshold and fixed-rank recipes."""
+    if config.budget is None or config.allocation != "greedy":
+        return None
+    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
+    features = probe_features(model, audio_items(audio, limit))
+    return probe_errors(model, linears, stats, features, config.granule, progress)
+
+
+def _factorise(linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
+               errors: dict[str, dict[int, float]] | None = None) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """Ranks and low-rank factors, one linear at a time (a file-backed layer is read, used and dropped)."""
     ranks: dict[str, int] = {}
     new_state: dict[str, torch.Tensor] = {}
     on_disk = isinstance(stats.layers, FileLayers)
+    allocated = allocate_budget(linears, config, stats, errors) if config.budget is not None else None
     for name, linear in linears.items():
         s = stats.layers[name]
-        k = _rank_for(name, linear, config, stats, s)
+        k = allocated[name] if allocated is not None else _rank_for(name, linear, config, stats, s)
         if k is not None:
             ranks[name] = k
             first, second, bias = pca_factors(linear.weight.detach(), linear.bias, s.mean(), None, k,
@@ -202,9 +237,12 @@ def convert_lowrank(
                     progress) as stats:
         if stats_out is not None:
             stats.save(stats_out)
-        ranks, new_state = _factorise(linears, config, stats)
+        errors = _errors(model, linears, config, stats, calibration, calibration_limit, progress)
+        ranks, new_state = _factorise(linears, config, stats, errors)
         windows = stats.windows
-    spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": windows}
+    shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
+    spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": windows,
+            "linear_flops_kept": round(flops_kept(ranks, shapes), 6)}
     return rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(ranks))
 
 

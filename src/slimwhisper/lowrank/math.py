@@ -162,3 +162,110 @@ def reduced_scores_operands(
     ones = q_low.new_ones(batch, length, 1)
     query = torch.cat([q_low, ones], dim=-1).unsqueeze(1).expand(batch, heads, length, k_q + 1)
     return query, key
+
+
+def rank_options(d_in: int, d_out: int, granule: int) -> list[int]:
+    """Ranks worth considering for one linear: multiples of `granule` whose factor pair is cheaper than dense."""
+    return [k for k in range(granule, d_out, granule) if k * (d_in + d_out) < d_in * d_out]
+
+
+def lost_energy(eigenvalues: torch.Tensor, k: int) -> float:
+    """Output variance a rank-k PCA leaves out: the sum of the eigenvalues past the k-th."""
+    return float(eigenvalues.double().clamp_min(0.0)[k:].sum())
+
+
+def budget_ranks(
+    spectra: dict[str, tuple[torch.Tensor, int, int]],
+    budget: float,
+    granule: int,
+    errors: dict[str, dict[int, float]] | None = None,
+) -> dict[str, int | None]:
+    """Ranks (None = dense) that keep at most `budget` of the linears' FLOPs at the least predicted loss.
+
+    `spectra` maps a linear's name to (output eigenvalues, d_in, d_out). A linear costs d_in d_out per
+    row dense and k (d_in + d_out) at rank k. Its loss at rank k is `errors[name]` (the encoder output's
+    error measured with that linear alone at a few ranks, `calibrate.probe_errors`) interpolated by
+    `predicted_error`; without `errors`, the share of the linear's own output energy it loses. Errors of
+    different linears are taken to add. Starting dense, every step lowers by one granule the rank of the
+    linear whose step adds the least loss per FLOP saved.
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    options = {n: [None, *reversed(rank_options(d_in, d_out, granule))] for n, (_, d_in, d_out) in spectra.items()}
+
+    def cost(name: str, k: int | None) -> int:
+        _, d_in, d_out = spectra[name]
+        return d_in * d_out if k is None else k * (d_in + d_out)
+
+    def loss(name: str, k: int | None) -> float:
+        values = spectra[name][0]
+        if k is None:
+            return 0.0
+        if errors is None:
+            return lost_energy(values, k) / max(lost_energy(values, 0), 1e-30)
+        return predicted_error(values, errors[name], k)
+
+    position = dict.fromkeys(spectra, 0)
+    total = sum(cost(n, None) for n in spectra)
+    used = total
+    while used > budget * total:
+        best, best_ratio = None, float("inf")
+        for name, i in position.items():
+            if i + 1 >= len(options[name]):
+                continue
+            here, there = options[name][i], options[name][i + 1]
+            ratio = (loss(name, there) - loss(name, here)) / (cost(name, here) - cost(name, there))
+            if ratio < best_ratio:
+                best, best_ratio = name, ratio
+        if best is None:  # every linear is at its smallest rank: the budget cannot be met
+            break
+        i = position[best]
+        used -= cost(best, options[best][i]) - cost(best, options[best][i + 1])
+        position[best] = i + 1
+    return {n: options[n][i] for n, i in position.items()}
+
+
+def uniform_budget_ranks(shapes: dict[str, tuple[int, int]], budget: float, granule: int) -> dict[str, int | None]:
+    """One rank for every linear (None = dense where that rank saves nothing): the largest multiple of
+    `granule` whose total FLOPs stay within `budget` of the dense linears' (the smallest when none does)."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    top = max(d_out for _, d_out in shapes.values())
+    ranks: dict[str, int | None] = {}
+    for rank in range(top - top % granule, 0, -granule):
+        ranks = {n: rank if rank * (d_in + d_out) < d_in * d_out else None for n, (d_in, d_out) in shapes.items()}
+        if flops_kept(ranks, shapes) <= budget:
+            break
+    return ranks
+
+
+def probe_ranks(d_in: int, d_out: int, granule: int, count: int = 5) -> list[int]:
+    """Up to `count` ranks spread evenly over a linear's options (smallest and largest included), where its
+    error is measured; empty when no rank saves FLOPs."""
+    choices = rank_options(d_in, d_out, granule)
+    if len(choices) <= count:
+        return choices
+    return sorted({choices[round(i * (len(choices) - 1) / (count - 1))] for i in range(count)})
+
+
+def predicted_error(eigenvalues: torch.Tensor, measured: dict[int, float], k: int) -> float:
+    """The error at rank k from errors measured at a few ranks: linear in lost energy between the two nearest
+    measured ranks (0 error at full rank), so the curve bends as the spectrum does and meets every measure."""
+    points = sorted(measured.items())  # ascending rank: descending lost energy
+    points.append((len(eigenvalues), 0.0))
+    if k <= points[0][0]:
+        return points[0][1]
+    for (k_lo, e_lo), (k_hi, e_hi) in zip(points, points[1:]):
+        if k <= k_hi:
+            l_lo, l_hi, l_k = (lost_energy(eigenvalues, r) for r in (k_lo, k_hi, k))
+            share = (l_lo - l_k) / (l_lo - l_hi) if l_lo > l_hi else 1.0
+            return e_lo + share * (e_hi - e_lo)
+    return 0.0
+
+
+def flops_kept(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]]) -> float:
+    """Share of the dense linears' FLOPs that `ranks` (None = dense) keep."""
+    dense = sum(d_in * d_out for d_in, d_out in shapes.values())
+    kept = sum(d_in * d_out if ranks.get(n) is None else ranks[n] * (d_in + d_out)
+               for n, (d_in, d_out) in shapes.items())
+    return kept / dense

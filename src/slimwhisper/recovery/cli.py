@@ -15,14 +15,17 @@ from dataclasses import fields
 
 from ..cliargs import add_device, add_model, add_out, add_quiet, output_folder
 from ..errors import SlimWhisperError
-from .config import MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
+from .config import LOWRANK_ENCODER_RECIPE, MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
 
 # FinetuneConfig fields exposed as --options (name -> type); the help text comes from the config docstring.
 _OPTIONS = {
     "steps": int, "batch_size": int, "micro_batch_size": int, "lr": float, "weight_decay": float,
     "warmup_steps": int, "min_lr_ratio": float, "decay_fraction": float, "clip_norm": float,
-    "ce_weight": float, "kd_weight": float, "temperature": float, "seed": int, "checkpoint_every": int,
+    "ce_weight": float, "kd_weight": float, "encoder_weight": float, "temperature": float, "seed": int,
+    "checkpoint_every": int,
 }  # fmt: skip
+# Options whose default depends on the model (a low-rank encoder has its own recipe): None = not given.
+_MODEL_DEFAULTS = tuple(LOWRANK_ENCODER_RECIPE)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,11 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "Voice, ... (several sources are mixed into one set)")
     add_out(p, "output folder: model/, control/, finetune.json, loss.png")
     p.add_argument("--control", action="store_true", help="also train the unconverted original identically")
-    p.add_argument("--scope", default=d.scope, choices=SCOPES, help=f"trainable parameters (default {d.scope})")
+    lowrank = LOWRANK_ENCODER_RECIPE
+    p.add_argument("--scope", choices=SCOPES, help=f"trainable parameters (default {d.scope}; {lowrank['scope']} "
+                   "for a low-rank encoder)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")
     for name, kind in _OPTIONS.items():
         flags = ["--" + name.replace("_", "-")] + (["--batch"] if name == "batch_size" else [])
-        p.add_argument(*flags, dest=name, type=kind, default=getattr(d, name), help=f"default {getattr(d, name)}")
+        note = f"; {lowrank[name]} for a low-rank encoder" if name in lowrank else ""
+        p.add_argument(*flags, dest=name, type=kind, default=None if name in lowrank else getattr(d, name),
+                       help=f"default {getattr(d, name)}{note}")
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
     p.add_argument("--label-free", action=argparse.BooleanOptionalAction, default=d.label_free,
                    help="targets: the original's greedy transcripts (default; keeps its style, needs no transcripts) "
@@ -60,13 +67,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """The FinetuneConfig the options describe (validated there)."""
+def config_from_args(args: argparse.Namespace, compression: dict | None = None) -> FinetuneConfig:
+    """The FinetuneConfig the options describe for a model compressed as `compression` says (validated there):
+    options not given take the recipe's default for that model."""
     known = {f.name for f in fields(FinetuneConfig)}
     values = {name: getattr(args, name) for name in _OPTIONS}
     values.update(scope=args.scope, schedule=args.schedule, betas=tuple(args.betas), label_free=args.label_free,
                   language=args.language, mixed_precision=args.mixed_precision)
-    return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
+    given = {k: v for k, v in values.items() if k in known and not (k in _MODEL_DEFAULTS and v is None)}
+    return FinetuneConfig(**{**FinetuneConfig.defaults_for(compression), **given})
 
 
 def _device(name: str) -> str | None:
@@ -97,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from .pipeline import RecoveryJob, recover
+    from .pipeline import RecoveryJob, recorded_compression, recover
 
     warn_single_process_launch()
-    config = config_from_args(args)
+    config = config_from_args(args, recorded_compression(args.model))
     for source in args.train:
         if not Path(source).expanduser().exists():
             raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")

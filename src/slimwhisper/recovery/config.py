@@ -23,6 +23,12 @@ SCHEDULES = ("cosine", "wsd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
+# What the bare command changes when the model's encoder is low-rank: train the converted modules (the
+# low-rank linears, and MLA attention if any) with the encoder's output distilled too, at the learning
+# rate the factor pairs need (see `for_compression`).
+LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4}
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(Recipe):
     """How to fine-tune a compressed Whisper (and its paired control, identically).
@@ -45,6 +51,9 @@ class FinetuneConfig(Recipe):
         decay_fraction: share of the steps that WSD spends decaying.
         clip_norm: gradient clipping (global L2 norm); 0 disables it.
         ce_weight, kd_weight: weights of cross-entropy on the references and of the distillation loss.
+        encoder_weight: weight of encoder distillation: the squared error of the student encoder's
+            output against the original's (cached once, label-free), over the original's energy, per
+            utterance. It needs a trained encoder (a low-rank one: scope "converted" or "all").
         temperature: distillation temperature (the KL term is scaled by T^2).
         kd_top_k: the teacher's k most likely tokens per position are distilled (plus one bucket for the
             rest); computed once per clip and cached, so the teacher never runs during training.
@@ -71,6 +80,7 @@ class FinetuneConfig(Recipe):
     clip_norm: float = 1.0
     ce_weight: float = 1.0
     kd_weight: float = 1.0
+    encoder_weight: float = 0.0
     temperature: float = 1.0
     kd_top_k: int = 64
     label_free: bool = True
@@ -104,6 +114,7 @@ class FinetuneConfig(Recipe):
             (self.clip_norm >= 0 and self.weight_decay >= 0, "clip_norm and weight_decay must not be negative"),
             (self.ce_weight >= 0 and self.kd_weight >= 0 and self.ce_weight + self.kd_weight > 0,
              "ce_weight and kd_weight must not be negative, and not both 0"),
+            (self.encoder_weight >= 0, f"encoder_weight must not be negative, got {self.encoder_weight}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (self.kd_top_k >= 1, f"kd_top_k must be at least 1, got {self.kd_top_k}"),
             (not (self.label_free and self.kd_weight == 0 and self.ce_weight == 0), "nothing to train on"),
@@ -118,10 +129,16 @@ class FinetuneConfig(Recipe):
 
             raise ConfigVersionError(f"FinetuneConfig version {self.version} is newer than this slimwhisper reads")
 
+    @classmethod
+    def defaults_for(cls, compression: dict | None) -> dict:
+        """The documented recipe's values for a model compressed as `compression` says (its config's
+        `compression`): the plain defaults, or `LOWRANK_ENCODER_RECIPE` over them for a low-rank encoder."""
+        return dict(LOWRANK_ENCODER_RECIPE) if "lowrank" in (compression or {}) else {}
+
     @property
     def needs_teacher(self) -> bool:
-        """Distillation and label-free targets both need the original model."""
-        return self.kd_weight > 0 or self.label_free
+        """Distillation (of logits or encoder states) and label-free targets need the original model."""
+        return self.kd_weight > 0 or self.label_free or self.encoder_weight > 0
 
     @property
     def warmup(self) -> int:

@@ -92,6 +92,18 @@ def combined_loss(
     return ce_weight * ce + kd_weight * kd, ce, kd
 
 
+def encoder_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Sum over utterances of the squared error of encoder states [B, T, d] over the teacher's energy.
+
+    Relative per utterance, so quiet and loud clips weigh alike and the value reads the same for any
+    model width (0.01 = the student's states are off by a tenth of their norm). Summed, so a caller
+    divides by the step's utterances and micro-batches add up to the step's mean.
+    """
+    t = teacher.float()
+    error = (student.float() - t).pow(2).mean(dim=(1, 2))
+    return (error / t.pow(2).mean(dim=(1, 2)).clamp_min(1e-12)).sum()
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.1,
               decay_fraction: float = 0.1) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based) of `total`.

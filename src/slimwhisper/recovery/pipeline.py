@@ -56,6 +56,14 @@ def recorded_source(model_path: str) -> dict | None:
     return None
 
 
+def recorded_compression(model_path: str) -> dict | None:
+    """`compression` as saved in a model directory's config.json (None for an original or a short name)."""
+    config = Path(model_path).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("compression")
+    return None
+
+
 def load_teacher(source: dict | None, teacher: str | None, device: str | None) -> tuple[Any, Any, dict]:
     """The original model: `teacher` when given, else rebuilt from the recorded source and checked by sha256."""
     from .. import load
@@ -221,8 +229,10 @@ def write_loss_plot(out: Path) -> Path | None:
         if not rows:
             continue
         steps = [int(r["step"]) for r in rows]
-        for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
-            ax.plot(steps, [float(r[key]) for r in rows], style, color=color, label=f"{arm} {key}", linewidth=1)
+        for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":"), ("enc", "-.")):
+            values = [float(r[key]) for r in rows if r.get(key)]
+            if len(values) == len(rows) and any(values):  # encoder distillation only when it ran
+                ax.plot(steps, values, style, color=color, label=f"{arm} {key}", linewidth=1)
         drawn = True
     if not drawn:
         plt.close(fig)

@@ -51,9 +51,9 @@ from .data import (
     teacher_transcripts,
     weights_fingerprint,
 )
-from .losses import IGNORE_INDEX, combined_loss, lr_factor
+from .losses import IGNORE_INDEX, combined_loss, encoder_distillation, lr_factor
 
-LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "time")
+LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "enc", "time")
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 # Test hook only: seconds to pause inside each checkpoint write, so a test can SIGKILL a run mid-write.
@@ -243,12 +243,16 @@ class _Sources:
     student: EncoderCache | None  # None: the student's encoder is trained, so it runs every step
     teacher: dict[str, TopK] | None  # item key -> the teacher's top-k log-probs
     feature_extractor: Any
+    teacher_states: EncoderCache | None = None  # the teacher's encoder outputs, for encoder distillation
 
 
 def _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id, progress) -> _Sources:
     """Fill the encoder caches and the teacher's targets (main process first; the others then read them)."""
     student_net = accelerator.unwrap_model(model)  # DDP wraps the model in multi-process runs
     encoder_trained = any(p.requires_grad for p in student_net.get_encoder().parameters())
+    if config.encoder_weight > 0 and not encoder_trained:
+        raise SlimWhisperError("--encoder-weight distils the encoder, but no encoder parameter is trained; "
+                               "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
     student_cache = teacher_cache = None
     targets = None
     for turn in ("main", "others"):
@@ -257,22 +261,25 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
                 student_cache = EncoderCache(cache_dir, weights_fingerprint(student_net.get_encoder()))
                 fill_encoder_cache(student_net, processor.feature_extractor, items, student_cache,
                                    batch_size=config.micro_batch_size, progress=progress)
-            if teacher is not None and config.kd_weight > 0:
+            if teacher is not None and (config.kd_weight > 0 or config.encoder_weight > 0):
                 fp = weights_fingerprint(teacher.get_encoder())
                 same = student_cache is not None and student_cache.fingerprint == fp
                 teacher_cache = student_cache if same else EncoderCache(cache_dir, fp)
                 fill_encoder_cache(teacher, processor.feature_extractor, items, teacher_cache,
                                    batch_size=config.micro_batch_size, progress=progress)
+            if teacher is not None and config.kd_weight > 0:
                 targets = teacher_topk(teacher, items, teacher_cache, k=config.kd_top_k,
                                        temperature=config.temperature, root=cache_dir, pad_id=pad_id,
                                        batch_size=config.micro_batch_size, progress=progress)
         accelerator.wait_for_everyone()
-    return _Sources(student_cache, targets, processor.feature_extractor)
+    states = teacher_cache if config.encoder_weight > 0 else None
+    return _Sources(student_cache, targets, processor.feature_extractor, states)
 
 
 def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
-                pad_id: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss of one micro-batch as its share of the step's loss (token sums over the step's `tokens`)."""
+                pad_id: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """(loss, ce, kd, enc) of one micro-batch as its share of the step's: token sums over the step's `tokens`,
+    encoder distillation summed over utterances and divided by the step's `batch_size`."""
     device = accelerator.device
     inputs, labels = collate(batch, pad_id)
     inputs, labels = inputs.to(device), labels.to(device)
@@ -287,9 +294,14 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
         idx, logp = collate_topk(batch, sources.teacher)
         topk = (idx.to(device), logp.to(device))
     with accelerator.autocast():
-        logits = model(decoder_input_ids=inputs, **student_kwargs).logits
-    return combined_loss(logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
-                         temperature=config.temperature, tokens=tokens)
+        out = model(decoder_input_ids=inputs, **student_kwargs)
+    loss, ce, kd = combined_loss(out.logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
+                                 temperature=config.temperature, tokens=tokens)
+    if sources.teacher_states is None:
+        return loss, ce, kd, kd.detach() * 0.0
+    target = load_encoder_outputs(sources.teacher_states, batch).to(device, torch.float32)
+    enc = encoder_distillation(out.encoder_last_hidden_state, target) / config.batch_size
+    return loss + config.encoder_weight * enc, ce, kd, enc
 
 
 def labelled_tokens(items: Sequence[TrainItem]) -> int:
@@ -306,12 +318,12 @@ def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int,
     tokens = labelled_tokens([items[j] for j in batch])  # every process knows the whole batch: no all-reduce
     mine = batch[accelerator.process_index::world]
     micro = [mine[i : i + config.micro_batch_size] for i in range(0, len(mine), config.micro_batch_size)]
-    totals = torch.zeros(3, device=accelerator.device)
+    totals = torch.zeros(4, device=accelerator.device)
     for i, idx in enumerate(micro):
         with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():  # sync on the last only
-            loss, ce, kd = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
-            accelerator.backward(loss * world)  # DDP averages over processes; the step's loss is their sum
-        totals += torch.stack([loss.detach(), ce.detach(), kd.detach()])
+            parts = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
+            accelerator.backward(parts[0] * world)  # DDP averages over processes; the step's loss is their sum
+        totals += torch.stack([p.detach() for p in parts])
     if config.clip_norm > 0:
         accelerator.clip_grad_norm_(params, config.clip_norm)
     optimizer.step()
@@ -507,7 +519,7 @@ def _logged_step(run: _Run, step: int, elapsed: float, t0: float) -> dict:
                          run.accelerator, run.pad_id)
     totals = run.accelerator.reduce(totals, reduction="sum")  # each process returned its share
     return {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
-            "time": round(elapsed + time.perf_counter() - t0, 2)}
+            "enc": float(totals[3]), "time": round(elapsed + time.perf_counter() - t0, 2)}
 
 
 def data_fingerprint(items: Sequence[TrainItem]) -> str:
