@@ -52,14 +52,15 @@ def evaluate(model: str, baseline: str, out: Path, args: argparse.Namespace) -> 
     return json.loads((out / "summary.json").read_text())
 
 
-def speeds(model: str, baseline: str, work: Path, repeats: int) -> dict[str, float]:
+def speeds(model: str, baseline: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
     """Encoder speed-up against `baseline` per batch and precision ("b8 int8": ...)."""
     found = {}
-    for batch in BATCHES:
-        for precision in PRECISIONS:
+    for batch in args.batches:
+        for precision in args.precisions:
             quantize = ["--quantize", "int8"] if precision == "int8" else []
             result = once(work / f"bench-b{batch}-{precision}.json", "bench", "encoder", model, "--baseline", baseline,
-                          "--batch", str(batch), "--repeats", str(repeats), *quantize, "--json")
+                          "--batch", str(batch), "--repeats", str(args.repeats), "--profile-passes", "0", *quantize,
+                          "--json")
             found[f"b{batch} {precision}"] = result["speedup"]["model"]
     return found
 
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="evaluation data (a manifest)")
     p.add_argument("--language", help="evaluate only this language")
     p.add_argument("--repeats", type=int, default=3, help="timed encoder passes per model and setting")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="encoder batch sizes timed")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True, help="folder for result.json")
     args = p.parse_args()
@@ -95,14 +98,14 @@ def main() -> None:
             flops = made["linear_flops_kept"]
             summary = evaluate(model, args.model, here / "eval", args)
             rows.append(row(f"{allocation}, no fine-tuning", budget, flops, summary,
-                            speeds(model, args.model, here, args.repeats)))
+                            speeds(model, args.model, here, args)))
             if budget in args.recover and allocation == "uniform":
                 ft = here / "FT"
                 if not (ft / "control" / "config.json").is_file():
                     slimwhisper("finetune", model, "--train", args.train, "--control", "--out", str(ft), "--quiet")
                 rows.append(row(f"{allocation}, recovered (against its control)", budget, flops,
                                 evaluate(str(ft / "model"), str(ft / "control"), here / "eval-ft", args),
-                                speeds(str(ft / "model"), str(ft / "control"), here / "ft", args.repeats)))
+                                speeds(str(ft / "model"), str(ft / "control"), here / "ft", args)))
     header = ["budget", "variant", "linear FLOPs kept", "WER %", "baseline WER %", "Δ WER",
               *[f"encoder speed-up {k}" for k in rows[0]["speedup"]]]
     table = [[f"{r['budget']:g}", r["variant"], f"{r['linear_flops_kept']:.3f}", f"{100 * r['wer']:.2f}",

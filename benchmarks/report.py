@@ -124,11 +124,28 @@ def render_decode(name: str, r: dict) -> str:
 
 
 def render_encoder(name: str, r: dict) -> str:
-    """bench encoder: one 30-s encoder pass."""
+    """bench encoder: one 30-s encoder pass, its roofline and where its time goes."""
     speed, ratio = r.get("speedup", {}), r.get("params_ratio", {})
-    rows = [[f"`{k}`", num(ms, 1), num(speed.get(k), 2), num(ratio.get(k), 3)] for k, ms in r["ms_per_pass"].items()]
-    return f"batch {r.get('batch')} (`{name}`).\n\n" + table(
-        ["model", "ms per pass", "speedup vs baseline", "encoder params vs baseline"], rows)
+    roof = r.get("roofline", {}).get("entries", {})
+
+    def roofline(k: str) -> list[str]:
+        e = roof.get(k)
+        return [f"{e['gflop']:.1f}", f"{e['gflops_achieved']:.0f}", f"{e['bound_ms']:.0f} ({e['bound_by']})",
+                pct(e["attained"], 0)] if e else ["", "", "", ""]
+
+    rows = [[f"`{k}`", num(ms, 1), num(speed.get(k), 2), num(ratio.get(k), 3), *roofline(k)]
+            for k, ms in r["ms_per_pass"].items()]
+    precision = "int8 linears" if r.get("quantize") == "int8" else "float32"
+    out = f"batch {r.get('batch')}, {precision} (`{name}`).\n\n" + table(
+        ["model", "ms per pass", "speedup vs baseline", "encoder params vs baseline", "GFLOP", "GFLOP/s",
+         "roofline ms", "of roofline"], rows)
+    profile = r.get("profile")
+    if profile:
+        parts = [p for p in next(iter(profile.values())) if p not in ("total", "wall")]
+        rows = [[f"`{k}`", *[num(v[p], 0) for p in parts], num(v["wall"], 0)] for k, v in profile.items()]
+        out += f"\n\nWhere a pass's time goes (ms, torch.profiler, median of {r.get('profile_passes', 1)}):\n\n"
+        out += table(["model", *parts, "wall"], rows)
+    return out
 
 
 def render_kv_plan(name: str, r: dict) -> str:

@@ -1,10 +1,11 @@
 """engine/quantize.py: int8 quantisation of plain, MLA and low-rank models, direct and stacked int8 calls."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import slimwhisper as sw
-from conftest import engine_tokens, generate_tokens, varied_features, varied_whisper
+from conftest import SHARED_DATA, calib_audio, engine_tokens, generate_tokens, varied_features, varied_whisper
 from slimwhisper.engine.quantize import (
     Int8Call,
     direct_call,
@@ -45,25 +46,45 @@ def test_direct_int8_calls_give_the_modules_results_bitwise():
     assert stack_int8_rows([modules[0], float_linears[1]]) is None and stack_int8_rows([]) is None
 
 
-def test_lowrank_encoder_int8_quantises_both_halves_and_stays_close_to_fp32(tiny_model, encoder_stats):
-    """Both halves of every `LowRankLinear` become int8, except the up-projections the rank-space attention
-    reads as tensors (they stay float); the int8 encoder's output stays close to the float one on both paths."""
+def test_lowrank_encoder_int8_quantises_the_down_halves_and_stays_close_to_fp32(tiny_model, encoder_stats):
+    """The `down` half of every `LowRankLinear` becomes int8 and the `up` half, fed by PCA coordinates (and read
+    as a tensor by the rank-space attention), stays float; the int8 encoder stays close to the float one on
+    both attention paths."""
     slim = sw.convert(tiny_model, LowRankConfig(rank=8, granule=8), calibration=encoder_stats)
     reduced, standard = (layer.self_attn for layer in slim.model.encoder.layers)
     standard.attention_path = "standard"
     assert reduced.reduced_plan(1500) == (True, True) and standard.reduced_plan(1500) == (False, False)
     q = quantize_dynamic_int8(slim)
-    q_reduced, q_standard = (layer.self_attn for layer in q.model.encoder.layers)
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        assert is_quantized_linear(getattr(q_reduced, proj).down)
-        assert type(getattr(q_reduced, proj).up) is torch.nn.Linear  # read as a tensor by the rank-space path
-        assert is_quantized_linear(getattr(q_standard, proj).up) and is_quantized_linear(getattr(q_standard, proj).down)
-    for layer in q.model.encoder.layers:
-        for lin in (layer.self_attn.out_proj, layer.fc1, layer.fc2):
-            assert isinstance(lin, LowRankLinear) and is_quantized_linear(lin.down) and is_quantized_linear(lin.up)
+    halves = [m for m in q.model.encoder.modules() if isinstance(m, LowRankLinear)]
+    assert len(halves) == 12
+    for lin in halves:
+        assert is_quantized_linear(lin.down) and type(lin.up) is torch.nn.Linear
     features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = slim.get_encoder()(features).last_hidden_state
         out = q.get_encoder()(features).last_hidden_state
     assert not torch.equal(out, ref)  # int8 did run
     torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0.0)
+
+
+@pytest.mark.real
+def test_real_lowrank_encoder_int8_is_as_close_as_the_dense_one():
+    """On tiny.en's real weights a low-rank encoder quantised to int8 stays as close to its float self as the
+    dense encoder does: quantising the `up` halves (their input is PCA coordinates, whose first components
+    carry Whisper's huge activation channels) made its output error nine times the dense encoder's."""
+    from conftest import realspeech_audio
+    from slimwhisper.calibration import feature_batches
+
+    model, _ = sw.load("tiny.en")
+    slim = sw.convert(model, LowRankConfig(rank=208, targets=("fc1", "fc2")), progress=False)
+    audio = realspeech_audio(lambda rows: rows[:2]) if SHARED_DATA.is_dir() else calib_audio(2)
+    features = next(feature_batches(audio, 80, 2))
+
+    def error(m) -> float:
+        with torch.inference_mode():
+            ref = m.get_encoder()(features).last_hidden_state
+            out = quantize_dynamic_int8(m).get_encoder()(features).last_hidden_state
+        return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+    dense, low = error(model.eval()), error(slim.eval())
+    assert 0 < low < 2 * dense

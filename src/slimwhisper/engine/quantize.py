@@ -14,37 +14,37 @@ from ..mla.modules import WhisperMLAAttention
 QUANTIZE_CHOICES = ("int8",)
 
 
-def weight_read_linears(model: nn.Module) -> set[str]:
-    """Names of linears whose `.weight` tensor is read directly: they stay float.
+def float_linears(model: nn.Module) -> set[str]:
+    """Names of linears that stay float under int8 quantisation.
 
-    MLA's absorbed decode reads its up-projections; a low-rank encoder's rank-space attention reads the
-    up-projections of the parts it reduces (q and k for the scores, v for the values), as planned for the
-    encoder's one sequence length (`max_source_positions`; Whisper's encoder always sees 30 s) under the
-    module's `attention_path` at quantisation time.
+    Read as tensors: MLA's up-projections (the absorbed decode) and the up-projections a low-rank
+    encoder's rank-space attention folds in (q and k for the scores, v for the values, as planned for
+    the encoder's one sequence length, `max_source_positions`, under the module's `attention_path`).
+    Fed by PCA coordinates: the `up` half of every `LowRankLinear`. Its input holds the layer's outputs
+    along their principal directions, whose scales span orders of magnitude (the first components carry
+    Whisper's few huge activation channels), and a dynamic int8 activation has one scale per tensor, so
+    the small components would round to nothing; the `down` half reads an ordinary activation and is
+    quantised.
     """
-    from ..lowrank.modules import WhisperLowRankAttention
+    from ..lowrank.modules import LowRankLinear
 
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, WhisperMLAAttention):
             names.update(f"{name}.{child}" for child in ("up_k", "up_v"))
-        elif isinstance(module, WhisperLowRankAttention):
-            scores, values = module.reduced_plan(module.config.max_source_positions)
-            read = ("q_proj", "k_proj") * scores + ("v_proj",) * values
-            names.update(f"{name}.{proj}.up" for proj in read)
+        elif isinstance(module, LowRankLinear):
+            names.add(f"{name}.up")
     return names
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` whose nn.Linear layers run int8 weights with dynamically quantised activations.
 
-    CPU only (torch's dynamic quantisation kernels). Both halves of a low-rank encoder's `LowRankLinear`s
-    are quantised, except the up-projections that its rank-space attention reads as tensors, which stay
-    float like MLA's up-projections (the absorbed decode reads them); see `weight_read_linears`.
+    CPU only (torch's dynamic quantisation kernels). Some linears stay float: see `float_linears`.
     """
     if next(model.parameters()).device.type != "cpu":
         raise SlimWhisperError("int8 quantisation runs on the CPU only; drop --quantize or use --device cpu")
-    keep = weight_read_linears(model)
+    keep = float_linears(model)
     targets = {
         name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in keep and name
     }
