@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import slimwhisper as sw
@@ -64,3 +65,18 @@ def test_cli_end_to_end_model_and_control(capsys, tmp_path):
     # another recipe in the same directory is refused
     code, _, err = cli(capsys, *[a if a != "2" else "3" for a in argv])
     assert code == 2 and "other settings" in err
+
+
+def test_a_run_recorded_before_a_recipe_field_existed_still_resumes(tmp_path):
+    """finetune.json written before `encoder_weight` existed names the same recipe (its default then)."""
+    from slimwhisper.errors import SlimWhisperError
+    from slimwhisper.recovery.config import FinetuneConfig
+    from slimwhisper.recovery.pipeline import RUN_FILE, _read_record
+
+    identity = {"model": "m", "train": "t", "config": FinetuneConfig().to_dict(), "control": True, "teacher": None}
+    older = {**identity, "config": {k: v for k, v in identity["config"].items() if k != "encoder_weight"}}
+    (tmp_path / RUN_FILE).write_text(json.dumps({"identity": older, "arms": {"model": {"finished": True}}}))
+    assert _read_record(tmp_path, tmp_path / RUN_FILE, identity)["arms"] == {"model": {"finished": True}}
+    other = {**identity, "config": FinetuneConfig(encoder_weight=1.0).to_dict()}
+    with pytest.raises(SlimWhisperError, match="other settings"):
+        _read_record(tmp_path, tmp_path / RUN_FILE, other)

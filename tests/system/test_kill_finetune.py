@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from slimwhisper.recovery.train import SLOW_CHECKPOINT_ENV
+from slimwhisper.recovery.train import LOG_FIELDS, SLOW_CHECKPOINT_ENV
 
 from .finetune_runs import save_slim_model
 
@@ -91,7 +91,7 @@ def assert_nothing_corrupt(out: Path, cache: Path) -> None:
         elif path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 100, path
         elif path.suffix == ".csv":
-            assert all(len(line.split(",")) == 6 for line in path.read_text().splitlines()), path
+            assert all(len(line.split(",")) == len(LOG_FIELDS) for line in path.read_text().splitlines()), path
     for path in cache.rglob("*.pt"):
         torch.load(path, map_location="cpu", weights_only=True)
     for path in cache.rglob("*.json"):

@@ -45,9 +45,8 @@ class LowRankConfig(Recipe):
         preset: "a" (quality; the default: the only preset usable on tiny/base without recovery
             training), "b" (balanced) or "c" (efficiency); sets both thetas for `energy`.
         rank: a fixed rank for every target instead of thresholds (rounded to nothing; dense rule applies).
-        budget: keep this share (0-1) of the target linears' FLOPs instead of thresholds: ranks are
-            allocated across layers and linears, each granule going where it loses the least output
-            energy per FLOP saved (`math.budget_ranks`).
+        budget: keep this share (0-1) of the target linears' FLOPs instead of thresholds, shared out
+            across layers and linears as `allocation` says.
         allocation: how a budget is shared: "uniform" (one rank for every linear, the largest that fits)
             or "greedy" (ranks where the encoder output's error, measured on calibration audio one
             linear at a time, grows least per FLOP saved).

@@ -2,10 +2,12 @@
 
 `convert_lowrank(model, LowRankConfig)` measures (or reuses) output statistics of every target
 linear on calibration audio (layer groups in bounded memory, resumable from a work folder: see
-`calibrate.py`), picks each rank from the PCA energy, computes the factors in float64
-(`math.py`), casts them once to the model's dtype, and returns a `SlimWhisperForConditionalGeneration`
-whose config records `compression["lowrank"] = {"recipe": ..., "layers": {fqn: rank}}`. Layers
-that stay dense are absent from "layers". Other methods' entries (e.g. "mla") are kept.
+`calibrate.py`), picks each rank from the PCA energy (or shares a FLOP budget out: one rank for
+all, or greedily by the encoder error each linear's truncation causes on the calibration audio),
+computes the factors in float64 (`math.py`), casts them once to the model's dtype, and returns a
+`SlimWhisperForConditionalGeneration` whose config records `compression["lowrank"] = {"recipe": ...,
+"layers": {fqn: rank}, "linear_flops_kept": share}`. Layers that stay dense are absent from "layers".
+Other methods' entries (e.g. "mla") are kept.
 """
 from __future__ import annotations
 

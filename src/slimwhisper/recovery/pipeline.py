@@ -100,11 +100,22 @@ def _prepare_out(job: RecoveryJob) -> tuple[Path, dict]:
         _barrier()  # and nobody writes before every process has looked
 
 
+def _normalised(identity: dict) -> dict:
+    """A saved run identity with its config read through `FinetuneConfig`, so a run recorded before a recipe
+    field existed (its default then) still resumes."""
+    from ..errors import SlimWhisperError
+
+    try:
+        return {**identity, "config": FinetuneConfig.from_dict(identity.get("config", {})).to_dict()}
+    except (SlimWhisperError, TypeError):
+        return identity
+
+
 def _read_record(out: Path, record_path: Path, identity: dict) -> dict:
     """The run record of a resumable run in `out` (a new one for a missing or empty folder)."""
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("identity") != identity:
+        if _normalised(record.get("identity", {})) != identity:
             diff = sorted(k for k in identity if record.get("identity", {}).get(k) != identity[k])
             raise SlimWhisperError(f"{out} holds a fine-tuning run with other settings ({', '.join(diff)}); "
                                    "use another --out or pass --overwrite")
