@@ -28,7 +28,7 @@ that the real traffic exceeds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -105,6 +105,9 @@ class EncoderFlops:
     linear_dense: int
     linear_lowrank: int
     attention: int
+    # of the linears' FLOPs, those in dynamic int8 linears (the rest stay float: see `engine.quantize`); the
+    # same work either way, so it is not part of the comparison
+    int8: int = field(default=0, compare=False)
 
     @property
     def linears(self) -> int:
@@ -145,6 +148,8 @@ def _encoder(model: nn.Module) -> nn.Module:
 def encoder_flops(model: nn.Module, batch: int = 1) -> EncoderFlops:
     """`EncoderFlops` of one pass of `model`'s encoder over `batch` 30-s windows (2 x max_source_positions mel
     frames), each attention counted on the path it takes at that length (see the module docstring)."""
+    from .engine.quantize import is_quantized_linear
+
     encoder = _encoder(model)
     length = 2 * encoder.config.max_source_positions
     conv = 0
@@ -166,7 +171,7 @@ def encoder_flops(model: nn.Module, batch: int = 1) -> EncoderFlops:
             folded |= {id(attn.q_proj.up), id(attn.k_proj.up)}
         if values:
             folded.add(id(attn.v_proj.up))
-    dense = lowrank = 0
+    dense = lowrank = int8 = 0
     for m in encoder.layers.modules():
         weights = linear_weights(m)
         if weights is None or id(m) in folded:
@@ -175,7 +180,9 @@ def encoder_flops(model: nn.Module, batch: int = 1) -> EncoderFlops:
             lowrank += 2 * length * weights
         else:
             dense += 2 * length * weights
-    return EncoderFlops(batch * conv, batch * dense, batch * lowrank, batch * attention)
+        if is_quantized_linear(m):
+            int8 += 2 * length * weights
+    return EncoderFlops(batch * conv, batch * dense, batch * lowrank, batch * attention, batch * int8)
 
 
 @dataclass(frozen=True)
@@ -244,14 +251,11 @@ class MachinePeaks:
 def encoder_roofline(model: nn.Module, batch: int, measured_ms: float, peaks: MachinePeaks) -> dict[str, object]:
     """One encoder pass of `model` on the roofline: FLOPs by part, least bytes, the bound max(compute time,
     bytes / bandwidth) on `peaks`, which of the two binds, the share of the bound `measured_ms` reaches and the
-    GFLOP/s it achieves. A model with int8 linears counts their FLOPs at the int8 rate (`peaks.int8_gflops`)."""
-    from .engine.quantize import is_quantized_linear
-
+    GFLOP/s it achieves. The FLOPs of int8 linears count at the int8 rate (`peaks.int8_gflops`), the rest at
+    the float32 rate."""
     flops = encoder_flops(model, batch)
     nbytes = encoder_bytes(model, batch)
-    int8 = any(is_quantized_linear(m) for m in _encoder(model).layers.modules())
-    int8_flops = flops.linears if int8 else 0
-    compute_s = peaks.compute_seconds(flops.total - int8_flops, int8_flops)
+    compute_s = peaks.compute_seconds(flops.total - flops.int8, flops.int8)
     memory_s = nbytes.total / (peaks.gbps * 1e9)
     bound_ms = max(compute_s, memory_s) * 1e3
     return {
@@ -259,7 +263,7 @@ def encoder_roofline(model: nn.Module, batch: int, measured_ms: float, peaks: Ma
         "gflop_parts": {k: v / 1e9 for k, v in flops.parts().items()},
         "mbytes": nbytes.total / 1e6,
         "mbytes_weights": nbytes.weights / 1e6,
-        "int8_linears": int8,
+        "int8_linears": flops.int8 > 0,
         "bound_ms": bound_ms,
         "bound_by": "compute" if compute_s > memory_s else "memory",
         "attained": bound_ms / measured_ms,

@@ -205,22 +205,24 @@ def budget_ranks(
             return lost_energy(values, k) / max(lost_energy(values, 0), 1e-30)
         return predicted_error(values, errors[name], k)
 
+    # every option's cost and loss once: the loop below revisits each linear at every step
+    costs = {n: [cost(n, k) for k in ks] for n, ks in options.items()}
+    losses = {n: [loss(n, k) for k in ks] for n, ks in options.items()}
     position = dict.fromkeys(spectra, 0)
-    total = sum(cost(n, None) for n in spectra)
+    total = sum(c[0] for c in costs.values())
     used = total
     while used > budget * total:
         best, best_ratio = None, float("inf")
         for name, i in position.items():
             if i + 1 >= len(options[name]):
                 continue
-            here, there = options[name][i], options[name][i + 1]
-            ratio = (loss(name, there) - loss(name, here)) / (cost(name, here) - cost(name, there))
+            ratio = (losses[name][i + 1] - losses[name][i]) / (costs[name][i] - costs[name][i + 1])
             if ratio < best_ratio:
                 best, best_ratio = name, ratio
         if best is None:  # every linear is at its smallest rank: the budget cannot be met
             break
         i = position[best]
-        used -= cost(best, options[best][i]) - cost(best, options[best][i + 1])
+        used -= costs[best][i] - costs[best][i + 1]
         position[best] = i + 1
     return {n: options[n][i] for n, i in position.items()}
 

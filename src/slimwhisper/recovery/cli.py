@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from .pipeline import RecoveryJob, recorded_compression, recover
+    from .pipeline import RecoveryJob, recorded, recover
 
     warn_single_process_launch()
-    config = config_from_args(args, recorded_compression(args.model))
+    config = config_from_args(args, recorded(args.model, "compression"))
     for source in args.train:
         if not Path(source).expanduser().exists():
             raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")

@@ -48,19 +48,12 @@ class RecoveryJob:
     progress: bool = True
 
 
-def recorded_source(model_path: str) -> dict | None:
-    """`slimwhisper_source` as saved in a model directory's config.json (read without loading the weights)."""
+def recorded(model_path: str, key: str) -> Any:
+    """A key of a model directory's saved config.json, read without loading the weights (None when the model is
+    a short name or the key is absent): "slimwhisper_source" (its original), "compression" (its recipe)."""
     config = Path(model_path).expanduser() / "config.json"
     if config.is_file():
-        return json.loads(config.read_text()).get("slimwhisper_source")
-    return None
-
-
-def recorded_compression(model_path: str) -> dict | None:
-    """`compression` as saved in a model directory's config.json (None for an original or a short name)."""
-    config = Path(model_path).expanduser() / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("compression")
+        return json.loads(config.read_text()).get(key)
     return None
 
 
@@ -195,7 +188,7 @@ def recover(job: RecoveryJob) -> dict:
     for source in [job.train] if isinstance(job.train, str) else job.train:
         if not Path(source).expanduser().exists():
             raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")
-    source = recorded_source(job.model)
+    source = recorded(job.model, "slimwhisper_source")
     model, processor = load(job.model, device=job.device)
     paths = converted_paths(model.config)
     if source is None and not paths:  # an uncompressed model (short name, plain directory) is its own original

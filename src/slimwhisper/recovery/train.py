@@ -250,9 +250,6 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
     """Fill the encoder caches and the teacher's targets (main process first; the others then read them)."""
     student_net = accelerator.unwrap_model(model)  # DDP wraps the model in multi-process runs
     encoder_trained = any(p.requires_grad for p in student_net.get_encoder().parameters())
-    if config.encoder_weight > 0 and not encoder_trained:
-        raise SlimWhisperError("--encoder-weight distils the encoder, but no encoder parameter is trained; "
-                               "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
     student_cache = teacher_cache = None
     targets = None
     for turn in ("main", "others"):
@@ -364,6 +361,12 @@ def finetune(
         A `TrainResult`; the trained weights are in `model`.
     """
     config = config if config is not None else FinetuneConfig()
+    paths = tuple(scope_paths) if scope_paths is not None else converted_paths(model.config)
+    trains_encoder = config.scope == "all" or (config.scope == "converted"
+                                               and any(p.startswith("model.encoder.") for p in paths))
+    if config.encoder_weight > 0 and not trains_encoder:  # refused before any data or teacher work
+        raise SlimWhisperError("--encoder-weight distils the encoder, but no encoder parameter is trained; "
+                               "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
     accelerator = _make_accelerator(config, teacher, device)
     main = accelerator.is_main_process
     torch.manual_seed(config.seed)
