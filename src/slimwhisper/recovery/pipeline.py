@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import SlimWhisperError
 from ..loading.processor import save_processor
 from .config import FinetuneConfig
-from .train import converted_paths, finetune, on_cpu
+from .train import check_encoder_weight, converted_paths, finetune, on_cpu
 
 RUN_FILE = "finetune.json"
 ARMS = ("model", "control")
@@ -191,6 +191,7 @@ def recover(job: RecoveryJob) -> dict:
     source = recorded(job.model, "slimwhisper_source")
     model, processor = load(job.model, device=job.device)
     paths = converted_paths(model.config)
+    check_encoder_weight(config, paths)
     if source is None and not paths:  # an uncompressed model (short name, plain directory) is its own original
         source = model.config.slimwhisper_source
     need_original = config.needs_teacher or job.control

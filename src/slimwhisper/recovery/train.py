@@ -85,6 +85,15 @@ def converted_paths(config: Any) -> tuple[str, ...]:
     return tuple(sorted(paths))
 
 
+def check_encoder_weight(config: FinetuneConfig, paths: Sequence[str]) -> None:
+    """Refuse encoder distillation when the scope trains no encoder parameter (before any data or teacher work)."""
+    trains_encoder = config.scope == "all" or (config.scope == "converted"
+                                               and any(p.startswith("model.encoder.") for p in paths))
+    if config.encoder_weight > 0 and not trains_encoder:
+        raise SlimWhisperError("--encoder-weight distils the encoder, but no encoder parameter is trained; "
+                               "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
+
+
 def select_trainable(model: nn.Module, scope: str, paths: Sequence[str] = ()) -> list[str]:
     """Set `requires_grad` for `scope` ("converted" = the modules under `paths`) and return the trained names."""
     names = [n for n, _ in model.named_parameters()]
@@ -361,12 +370,7 @@ def finetune(
         A `TrainResult`; the trained weights are in `model`.
     """
     config = config if config is not None else FinetuneConfig()
-    paths = tuple(scope_paths) if scope_paths is not None else converted_paths(model.config)
-    trains_encoder = config.scope == "all" or (config.scope == "converted"
-                                               and any(p.startswith("model.encoder.") for p in paths))
-    if config.encoder_weight > 0 and not trains_encoder:  # refused before any data or teacher work
-        raise SlimWhisperError("--encoder-weight distils the encoder, but no encoder parameter is trained; "
-                               "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
+    check_encoder_weight(config, tuple(scope_paths) if scope_paths is not None else converted_paths(model.config))
     accelerator = _make_accelerator(config, teacher, device)
     main = accelerator.is_main_process
     torch.manual_seed(config.seed)
