@@ -133,12 +133,14 @@ def render_encoder(name: str, r: dict) -> str:
         return [f"{e['gflop']:.1f}", f"{e['gflops_achieved']:.0f}", f"{e['bound_ms']:.0f} ({e['bound_by']})",
                 pct(e["attained"], 0)] if e else ["", "", "", ""]
 
-    rows = [[f"`{k}`", num(ms, 1), num(speed.get(k), 2), num(ratio.get(k), 3), *roofline(k)]
+    base = roof.get("baseline")
+    bound = {k: base["bound_ms"] / e["bound_ms"] for k, e in roof.items() if base and k != "baseline"}
+    rows = [[f"`{k}`", num(ms, 1), num(speed.get(k), 2), num(bound.get(k), 2), num(ratio.get(k), 3), *roofline(k)]
             for k, ms in r["ms_per_pass"].items()]
     precision = "int8 linears" if r.get("quantize") == "int8" else "float32"
     out = f"batch {r.get('batch')}, {precision} (`{name}`).\n\n" + table(
-        ["model", "ms per pass", "speedup vs baseline", "encoder params vs baseline", "GFLOP", "GFLOP/s",
-         "roofline ms", "of roofline"], rows)
+        ["model", "ms per pass", "speedup vs baseline", "roofline speed-up", "encoder params vs baseline", "GFLOP",
+         "GFLOP/s", "roofline ms", "of roofline"], rows)
     profile = r.get("profile")
     if profile:
         parts = [p for p in next(iter(profile.values())) if p not in ("total", "wall")]

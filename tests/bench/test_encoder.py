@@ -69,6 +69,9 @@ def test_profile_splits_dense_and_lowrank_linears_and_the_roofline_is_each_model
         assert entry == encoder_roofline(m, 1, result["ms_per_pass"][name], PEAKS)
         assert parts["conv"] == pytest.approx(entry["gflop_parts"]["conv"] / result["profile"][name]["conv"] * 1e3)
     assert roof["entries"]["model"]["gflop"] < roof["entries"]["baseline"]["gflop"]
+    bound = roof["entries"]["baseline"]["bound_ms"] / roof["entries"]["model"]["bound_ms"]
+    assert set(roof["speedup_bound"]) == {"model"} and roof["speedup_bound"]["model"] == pytest.approx(bound)
+    assert bound > 1
     lines = summary_lines(result)
     assert len(lines) == 4 and "roofline" in lines[2] and "linear_lowrank" in lines[3]
 

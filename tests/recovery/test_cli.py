@@ -1,6 +1,8 @@
 """`slimwhisper finetune`: bad input exits 2 with one line."""
 from __future__ import annotations
 
+import pytest
+
 import slimwhisper as sw
 from conftest import tiny_pair, write_clips
 from slimwhisper.cli import main
@@ -55,3 +57,6 @@ def test_low_rank_encoder_gets_its_recipe_unless_told_otherwise():
     assert (told.lr, told.scope, told.encoder_weight) == (5e-5, "all", LOWRANK_ENCODER_RECIPE["encoder_weight"])
     assert config("--encoder-weight", "0", compression={"lowrank": {}}).encoder_weight == 0.0
     assert config(compression={"mla": {}}) == FinetuneConfig()
+    assert config("--encoder-layers", "all", compression={"lowrank": {}}).encoder_layers == "all"
+    with pytest.raises(SystemExit):  # argparse's own one-line error
+        config("--encoder-layers", "some")

@@ -71,3 +71,13 @@ def test_encoder_distillation_is_relative_per_utterance():
     assert float(encoder_distillation(off_scaled, scaled)) == pytest.approx(one, rel=1e-5)
     halves = [float(encoder_distillation(off[i : i + 1], teacher[i : i + 1])) for i in range(2)]
     assert sum(halves) == pytest.approx(one, rel=1e-5)
+
+
+def test_layerwise_encoder_distillation_averages_each_layers_relative_error():
+    from slimwhisper.recovery.losses import encoder_distillation
+
+    teacher = torch.randn(2, 3, 30, 8) * torch.tensor([1.0, 5.0, 50.0])[None, :, None, None]
+    student = teacher + 0.1 * torch.randn_like(teacher)
+    per_layer = [float(encoder_distillation(student[:, i], teacher[:, i])) for i in range(3)]
+    # a layer whose states are 50x larger counts as much as the others: each is relative to its own energy
+    assert float(encoder_distillation(student, teacher)) == pytest.approx(sum(per_layer) / 3, rel=1e-5)

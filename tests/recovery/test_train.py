@@ -119,7 +119,8 @@ def test_real_tiny_en_few_steps_lowers_the_loss(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
 
 
-def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(english, tmp_path):
+@pytest.mark.parametrize("layers", ["final", "all"])
+def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(english, tmp_path, layers):
     import csv
 
     from conftest import calib_audio
@@ -135,7 +136,7 @@ def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(eng
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     # the encoder's own term alone (the logit terms of a random tiny model pull it elsewhere)
     config = FinetuneConfig(**{**FAST, "steps": 6, "scope": "converted", "encoder_weight": 1.0, "lr": 3e-3,
-                               "ce_weight": 0.0, "kd_weight": 1e-9})
+                               "ce_weight": 0.0, "kd_weight": 1e-9, "encoder_layers": layers})
     result = finetune(student, manifest, config, processor=processor, teacher=original, work_dir=tmp_path / "w",
                       cache_dir=tmp_path / "c", progress=False)
     assert not result.encoder_cached
@@ -146,6 +147,18 @@ def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(eng
     assert len(enc) == 6 and all(e > 0 for e in enc)
     # the same 4 clips make every step's batch: the error on them falls
     assert enc[-1] < 0.5 * enc[0]
+    stored = sorted((tmp_path / "c").glob("*-layers/*/*.pt"))
+    if layers == "all":  # every layer's output, the last being the encoder's (layer-normed) output
+        layer_count, d = original.config.encoder_layers, original.config.d_model
+        assert len(stored) == 4 and tuple(torch.load(stored[0]).shape) == (layer_count, 1500, d)
+        with torch.no_grad():
+            features = torch.randn(1, original.config.num_mel_bins, 3000)
+            out = original.get_encoder()(features, output_hidden_states=True)
+        from slimwhisper.recovery.data import layer_states
+        states = layer_states(out.hidden_states)
+        assert states.shape == (1, layer_count, 1500, d) and torch.equal(states[:, -1], out.last_hidden_state)
+    else:
+        assert not stored
     frozen = FinetuneConfig(**{**FAST, "steps": 1, "scope": "decoder", "encoder_weight": 1.0})
     with pytest.raises(SlimWhisperError, match="encoder-weight"):
         finetune(student, manifest, frozen, processor=processor, teacher=original, cache_dir=tmp_path / "c",

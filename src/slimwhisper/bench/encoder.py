@@ -11,7 +11,9 @@ the engine's int8 linears (CPU only; the halves of a low-rank linear are quantis
 linears, low-rank linears at their rank, attention on the path it takes), its least bytes, this machine's
 measured float32 matmul rate and copy bandwidth (and int8 linear rate with --quantize), the bound
 max(compute time, bytes / bandwidth), which of the two binds, the share of the bound the measured pass
-reaches and the GFLOP/s it achieves (`slimwhisper.roofline`). `profile` says where a pass's time goes:
+reaches and the GFLOP/s it achieves (`slimwhisper.roofline`), and `speedup_bound`: the baseline's bound over
+each model's, the speed-up its FLOPs and bytes allow (a low-rank encoder's linears shrink, its attention and
+convolutions do not). `profile` says where a pass's time goes:
 one more pass per model after the timed ones (`--profile-passes N`: N, models in turns, the median of
 each part), under torch.profiler, with its ops' times in ms summed into linear_dense, linear_lowrank (the
 halves of every `LowRankLinear`), attention (SDPA, and the rank-space products around it), gelu,
@@ -191,6 +193,9 @@ def bench_encoder(
         result["profile_passes"] = profile_passes
     if roofline:
         result["roofline"] = roofline_of(models, ms, batch, peaks, result.get("profile"))
+        if baseline in ms:  # the speed-up the FLOPs and bytes allow: where every part runs at the machine's rates
+            bounds = {k: e["bound_ms"] for k, e in result["roofline"]["entries"].items()}
+            result["roofline"]["speedup_bound"] = {k: bounds[baseline] / v for k, v in bounds.items() if k != baseline}
     return result
 
 

@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from ..cliargs import add_device, add_model, add_out, add_quiet, output_folder
 from ..errors import SlimWhisperError
-from .config import LOWRANK_ENCODER_RECIPE, MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
+from .config import ENCODER_LAYERS, LOWRANK_ENCODER_RECIPE, MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
 
 # FinetuneConfig fields exposed as --options (name -> type); the help text comes from the config docstring.
 _OPTIONS = {
@@ -24,8 +24,6 @@ _OPTIONS = {
     "ce_weight": float, "kd_weight": float, "encoder_weight": float, "temperature": float, "seed": int,
     "checkpoint_every": int,
 }  # fmt: skip
-# Options whose default depends on the model (a low-rank encoder has its own recipe): None = not given.
-_MODEL_DEFAULTS = tuple(LOWRANK_ENCODER_RECIPE)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,8 +48,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for name, kind in _OPTIONS.items():
         flags = ["--" + name.replace("_", "-")] + (["--batch"] if name == "batch_size" else [])
         note = f"; {lowrank[name]} for a low-rank encoder" if name in lowrank else ""
+        # An option whose default depends on the model stays None when not given; config_from_args fills it.
         p.add_argument(*flags, dest=name, type=kind, default=None if name in lowrank else getattr(d, name),
                        help=f"default {getattr(d, name)}{note}")
+    p.add_argument("--encoder-layers", choices=ENCODER_LAYERS, help="what encoder distillation matches: the encoder's "
+                   f"output (final) or every layer's output (all) (default {d.encoder_layers})")
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
     p.add_argument("--label-free", action=argparse.BooleanOptionalAction, default=d.label_free,
                    help="targets: the original's greedy transcripts (default; keeps its style, needs no transcripts) "
@@ -72,9 +73,10 @@ def config_from_args(args: argparse.Namespace, compression: dict | None = None) 
     options not given take the recipe's default for that model."""
     known = {f.name for f in fields(FinetuneConfig)}
     values = {name: getattr(args, name) for name in _OPTIONS}
-    values.update(scope=args.scope, schedule=args.schedule, betas=tuple(args.betas), label_free=args.label_free,
-                  language=args.language, mixed_precision=args.mixed_precision)
-    given = {k: v for k, v in values.items() if k in known and not (k in _MODEL_DEFAULTS and v is None)}
+    values.update(scope=args.scope, encoder_layers=args.encoder_layers, schedule=args.schedule,
+                  betas=tuple(args.betas), label_free=args.label_free, language=args.language,
+                  mixed_precision=args.mixed_precision)
+    given = {k: v for k, v in values.items() if k in known and v is not None}  # None: not given
     return FinetuneConfig(**{**FinetuneConfig.defaults_for(compression), **given})
 
 

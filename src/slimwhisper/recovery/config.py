@@ -21,6 +21,7 @@ FINETUNE_FORMAT_VERSION = 1
 SCOPES = ("converted", "decoder", "all")
 SCHEDULES = ("cosine", "wsd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ENCODER_LAYERS = ("final", "all")
 
 
 # What the bare command changes when the model's encoder is low-rank: train the converted modules (the
@@ -54,6 +55,9 @@ class FinetuneConfig(Recipe):
         encoder_weight: weight of encoder distillation: the squared error of the student encoder's
             output against the original's (cached once, label-free), over the original's energy, per
             utterance. It needs a trained encoder (a low-rank one: scope "converted" or "all").
+        encoder_layers: which encoder states that distillation matches: "final" (the encoder's output) or
+            "all" (every layer's output, each over its own energy, averaged over layers: every layer gets
+            its own target instead of only the gradient that flows back from the last one).
         temperature: distillation temperature (the KL term is scaled by T^2).
         kd_top_k: the teacher's k most likely tokens per position are distilled (plus one bucket for the
             rest); computed once per clip and cached, so the teacher never runs during training.
@@ -81,6 +85,7 @@ class FinetuneConfig(Recipe):
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     encoder_weight: float = 0.0
+    encoder_layers: str = "final"
     temperature: float = 1.0
     kd_top_k: int = 64
     label_free: bool = True
@@ -115,6 +120,8 @@ class FinetuneConfig(Recipe):
             (self.ce_weight >= 0 and self.kd_weight >= 0 and self.ce_weight + self.kd_weight > 0,
              "ce_weight and kd_weight must not be negative, and not both 0"),
             (self.encoder_weight >= 0, f"encoder_weight must not be negative, got {self.encoder_weight}"),
+            (self.encoder_layers in ENCODER_LAYERS,
+             f"encoder_layers must be one of {', '.join(ENCODER_LAYERS)}, got {self.encoder_layers!r}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (self.kd_top_k >= 1, f"kd_top_k must be at least 1, got {self.kd_top_k}"),
             (not (self.label_free and self.kd_weight == 0 and self.ce_weight == 0), "nothing to train on"),

@@ -222,9 +222,12 @@ def log_mel(feature_extractor: Any, audios: Sequence[np.ndarray], device: torch.
 @torch.inference_mode()
 def fill_encoder_cache(
     model: Any, feature_extractor: Any, items: Sequence[TrainItem], cache: EncoderCache, *,
-    batch_size: int = 8, progress: bool = True,
+    batch_size: int = 8, progress: bool = True, layers: bool = False,
 ) -> int:
-    """Run the encoder on every clip missing from `cache`; returns how many were computed."""
+    """Run the encoder on every clip missing from `cache`; returns how many were computed.
+
+    `layers`: store every layer's output [L, T, d] (the last after the final layer norm, i.e. the
+    encoder's output) instead of the output alone, for layer-wise distillation."""
     from tqdm.auto import tqdm
 
     todo = {it.audio_hash: it.sample for it in items if not cache.has(it.audio_hash)}
@@ -235,14 +238,21 @@ def fill_encoder_cache(
                       disable=not progress or not todo_items):
         chunk = todo_items[start : start + batch_size]
         audios = [load_sample_audio(s, on_long="error") for _, s in chunk]
-        hidden = encoder(log_mel(feature_extractor, audios, param.device, param.dtype)).last_hidden_state
+        out = encoder(log_mel(feature_extractor, audios, param.device, param.dtype), output_hidden_states=layers)
+        hidden = layer_states(out.hidden_states) if layers else out.last_hidden_state
         for (key, _), h in zip(chunk, hidden):
             cache.put(key, h)
     return len(todo_items)
 
 
+def layer_states(hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, L, T, d]: each encoder layer's output from HF's `hidden_states` (the input embedding, the outputs
+    of layers 1..L-1, then the final layer-normed output), the embedding left out."""
+    return torch.stack(tuple(hidden_states[1:]), dim=1)
+
+
 def load_encoder_outputs(cache: EncoderCache, items: Sequence[TrainItem]) -> torch.Tensor:
-    """Stacked cached encoder outputs [B, 1500, d] (float16, CPU)."""
+    """Stacked cached encoder outputs [B, 1500, d] (or [B, L, 1500, d] for a layers cache; float16, CPU)."""
     hidden = [cache.get(it.audio_hash) for it in items]
     if any(h is None for h in hidden):
         raise SlimWhisperError(f"encoder cache {cache.dir} lost entries during training; run again to recompute")

@@ -93,15 +93,18 @@ def combined_loss(
 
 
 def encoder_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Sum over utterances of the squared error of encoder states [B, T, d] over the teacher's energy.
+    """Sum over utterances of the squared error of encoder states over the teacher's energy.
 
+    States are [B, T, d] (the output) or [B, L, T, d] (every layer's output; each layer's error is over
+    its own energy, then averaged over layers, so deep layers whose states are larger weigh no more).
     Relative per utterance, so quiet and loud clips weigh alike and the value reads the same for any
     model width (0.01 = the student's states are off by a tenth of their norm). Summed, so a caller
     divides by the step's utterances and micro-batches add up to the step's mean.
     """
     t = teacher.float()
-    error = (student.float() - t).pow(2).mean(dim=(1, 2))
-    return (error / t.pow(2).mean(dim=(1, 2)).clamp_min(1e-12)).sum()
+    error = (student.float() - t).pow(2).mean(dim=(-2, -1))
+    relative = error / t.pow(2).mean(dim=(-2, -1)).clamp_min(1e-12)
+    return relative.reshape(relative.shape[0], -1).mean(dim=1).sum()
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.1,

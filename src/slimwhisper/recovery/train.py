@@ -43,6 +43,7 @@ from .data import (
     collate_topk,
     fill_encoder_cache,
     hash_samples,
+    layer_states,
     load_encoder_outputs,
     log_mel,
     looks_normalised,
@@ -278,8 +279,23 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
                                        temperature=config.temperature, root=cache_dir, pad_id=pad_id,
                                        batch_size=config.micro_batch_size, progress=progress)
         accelerator.wait_for_everyone()
-    states = teacher_cache if config.encoder_weight > 0 else None
+    states = None
+    if teacher is not None and config.encoder_weight > 0:
+        states = teacher_cache
+        if config.encoder_layers == "all":
+            states = _layers_cache(teacher, processor, items, config, cache_dir, accelerator, progress)
     return _Sources(student_cache, targets, processor.feature_extractor, states)
+
+
+def _layers_cache(teacher, processor, items, config, cache_dir, accelerator, progress) -> EncoderCache:
+    """The teacher's every-layer encoder states, filled by the main process first."""
+    cache = EncoderCache(cache_dir, weights_fingerprint(teacher.get_encoder()) + "-layers")
+    for turn in ("main", "others"):
+        if accelerator.is_main_process == (turn == "main"):
+            fill_encoder_cache(teacher, processor.feature_extractor, items, cache,
+                               batch_size=config.micro_batch_size, progress=progress, layers=True)
+        accelerator.wait_for_everyone()
+    return cache
 
 
 def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
@@ -299,14 +315,16 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
     if sources.teacher is not None:
         idx, logp = collate_topk(batch, sources.teacher)
         topk = (idx.to(device), logp.to(device))
+    layers = sources.teacher_states is not None and config.encoder_layers == "all"
     with accelerator.autocast():
-        out = model(decoder_input_ids=inputs, **student_kwargs)
+        out = model(decoder_input_ids=inputs, output_hidden_states=layers, **student_kwargs)
     loss, ce, kd = combined_loss(out.logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
                                  temperature=config.temperature, tokens=tokens)
     if sources.teacher_states is None:
         return loss, ce, kd, kd.detach() * 0.0
     target = load_encoder_outputs(sources.teacher_states, batch).to(device, torch.float32)
-    enc = encoder_distillation(out.encoder_last_hidden_state, target) / config.batch_size
+    student = layer_states(out.encoder_hidden_states) if layers else out.encoder_last_hidden_state
+    enc = encoder_distillation(student, target) / config.batch_size
     return loss + config.encoder_weight * enc, ce, kd, enc
 
 
