@@ -260,7 +260,7 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
     """Fill the encoder caches and the teacher's targets (main process first; the others then read them)."""
     student_net = accelerator.unwrap_model(model)  # DDP wraps the model in multi-process runs
     encoder_trained = any(p.requires_grad for p in student_net.get_encoder().parameters())
-    student_cache = teacher_cache = None
+    student_cache = teacher_cache = layers_cache = None
     targets = None
     for turn in ("main", "others"):
         if accelerator.is_main_process == (turn == "main"):
@@ -278,24 +278,15 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
                 targets = teacher_topk(teacher, items, teacher_cache, k=config.kd_top_k,
                                        temperature=config.temperature, root=cache_dir, pad_id=pad_id,
                                        batch_size=config.micro_batch_size, progress=progress)
+            if teacher is not None and config.encoder_weight > 0 and config.encoder_layers == "all":
+                layers_cache = EncoderCache(cache_dir, teacher_cache.fingerprint + "-layers")
+                fill_encoder_cache(teacher, processor.feature_extractor, items, layers_cache,
+                                   batch_size=config.micro_batch_size, progress=progress, layers=True)
         accelerator.wait_for_everyone()
     states = None
     if teacher is not None and config.encoder_weight > 0:
-        states = teacher_cache
-        if config.encoder_layers == "all":
-            states = _layers_cache(teacher, processor, items, config, cache_dir, accelerator, progress)
+        states = layers_cache if layers_cache is not None else teacher_cache
     return _Sources(student_cache, targets, processor.feature_extractor, states)
-
-
-def _layers_cache(teacher, processor, items, config, cache_dir, accelerator, progress) -> EncoderCache:
-    """The teacher's every-layer encoder states, filled by the main process first."""
-    cache = EncoderCache(cache_dir, weights_fingerprint(teacher.get_encoder()) + "-layers")
-    for turn in ("main", "others"):
-        if accelerator.is_main_process == (turn == "main"):
-            fill_encoder_cache(teacher, processor.feature_extractor, items, cache,
-                               batch_size=config.micro_batch_size, progress=progress, layers=True)
-        accelerator.wait_for_everyone()
-    return cache
 
 
 def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
