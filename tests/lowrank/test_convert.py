@@ -117,3 +117,14 @@ def test_budget_conversion_keeps_its_share_of_flops_and_reloads(tiny_model, feat
     slim.save_pretrained(tmp_path / "m")
     again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(logits(again, features), logits(slim, features))
+
+
+def test_a_rank_that_saves_nothing_is_refused_before_calibrating(tiny_model):
+    """tiny_model's linears are 64x64 and 64x128 (at most rank 42 saves compute): rank 43 would keep all of
+    them dense, so it is refused before any audio is read (the calibration path does not exist), naming 42;
+    rank 42 passes the check and only then fails on the missing audio."""
+    with pytest.raises(SlimWhisperError, match="at most 42"):
+        sw.convert(tiny_model, LowRankConfig(rank=43, granule=8), calibration="/nonexistent/audio")
+    with pytest.raises(SlimWhisperError) as missing:
+        sw.convert(tiny_model, LowRankConfig(rank=42, granule=8), calibration="/nonexistent/audio")
+    assert "saves nothing" not in str(missing.value)

@@ -207,6 +207,18 @@ def _factorise(linears: dict[str, nn.Linear], config: LowRankConfig, stats: Enco
     return ranks, new_state
 
 
+def _check_fixed_rank(linears: dict[str, nn.Linear], config: LowRankConfig) -> None:
+    """Refuse, before calibrating, a fixed rank at which every target would stay dense (nothing to convert)."""
+    if config.rank is None or not config.dense_if_no_saving:
+        return
+    shapes = [(m.in_features, m.out_features) for m in linears.values()]
+    if any(fixed_rank(config.rank, i, o) is not None for i, o in shapes):
+        return
+    best = max((i * o - 1) // (i + o) for i, o in shapes)
+    raise SlimWhisperError(f"rank {config.rank} saves nothing on any target linear (a rank-k pair costs k·(in+out) "
+                           f"multiplies against in·out), so all would stay dense; choose a rank of at most {best}")
+
+
 def convert_lowrank(
     model: nn.Module,
     config: LowRankConfig,
@@ -234,6 +246,7 @@ def convert_lowrank(
     if "lowrank" in (getattr(model.config, "compression", None) or {}):
         raise SlimWhisperError("this model already has a low-rank encoder; compress the original model instead")
     linears = find_linears(model, config.targets)
+    _check_fixed_rank(linears, config)
     # fixed ranks need the PCA basis too, so statistics are always measured
     with _stats_for(model, config, calibration, work_dir, calibration_limit, batch_size, stats_budget_bytes,
                     progress) as stats:
