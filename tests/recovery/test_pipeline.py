@@ -38,7 +38,7 @@ def test_cli_end_to_end_model_and_control(capsys, tmp_path):
     out = tmp_path / "run"
     argv = ["finetune", str(slim_dir), "--train", str(manifest), "--control", "--out", str(out), "--steps", "2",
             "--batch-size", "2", "--micro-batch-size", "2", "--warmup-steps", "0", "--cache-dir",
-            str(tmp_path / "cache"), "--quiet"]
+            str(tmp_path / "cache"), "--ce-weight", "1", "--quiet"]  # cross-entropy: the control has something to learn
     code, text, err = cli(capsys, *argv)
     assert code == 0, err
     printed = json.loads(text)

@@ -163,3 +163,20 @@ def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(eng
     with pytest.raises(SlimWhisperError, match="encoder-weight"):
         finetune(student, manifest, frozen, processor=processor, teacher=original, cache_dir=tmp_path / "c",
                  progress=False)
+
+
+def test_a_control_trained_on_distillation_alone_stays_the_original(english, tmp_path):
+    """A control starts equal to its teacher, so distillation alone gives it (nearly) nothing to learn: its first
+    loss is rounding noise and it stays where it began. Targets rounded to float16 made that noise ~1e-7 and
+    Adam turned it into full-size steps, walking the control away from the original."""
+    _, processor = english
+    manifest = write_clips(tmp_path / "d", n=4)
+    student, _ = tiny_pair(False, seed=0)
+    teacher, _ = tiny_pair(False, seed=0)
+    config = FinetuneConfig(**{**FAST, "steps": 3, "warmup_steps": 0, "lr": 3e-5, "ce_weight": 0.0})
+    finetune(student, manifest, config, processor=processor, teacher=teacher, work_dir=tmp_path / "w",
+             cache_dir=tmp_path / "c", progress=False)
+    first_kd = float((tmp_path / "w" / "loss.csv").read_text().splitlines()[1].split(",")[4])
+    assert first_kd < 1e-9
+    drift = max((a - b).abs().max().item() for a, b in zip(student.parameters(), teacher.parameters()))
+    assert drift < 3e-5  # less than one full Adam step of lr 3e-5 on any weight

@@ -32,8 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a compressed model (with a paired control)",
         description="Fine-tune a compressed model (by default its decoder, encoder frozen) to match its original: "
-        "cross-entropy on the original's transcripts (or, with --no-label-free, on the references) plus "
-        "distillation from its logits; with --control, train the original identically as the baseline. "
+        "distillation from its logits on its own transcripts (--ce-weight adds cross-entropy on them, or, with "
+        "--no-label-free, on the references); with --control, train the original identically as the baseline. "
         "--scope converted trains only the compressed modules (e.g. a low-rank encoder).",
     )
     add_model(p, help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")

@@ -285,7 +285,7 @@ def teacher_transcripts(
     return {k: known[k] for _, k in pairs}
 
 
-TopK = tuple[torch.Tensor, torch.Tensor]  # teacher's top-k token ids (int32) and log-probs (float16), [L, k] each
+TopK = tuple[torch.Tensor, torch.Tensor]  # teacher's top-k token ids (int32) and log-probs (float32), [L, k] each
 
 
 def item_key(item: TrainItem) -> str:
@@ -302,12 +302,15 @@ def teacher_topk(
 
     The teacher is frozen and its inputs (encoder output, decoder tokens) are fixed per item, so its
     distillation targets never change: one pass here replaces a teacher forward in every training step.
+    The log-probs stay float32: rounded to float16 they differ from what the unchanged original computes
+    by ~1e-3, a gradient that Adam scales up to full-size steps, so a control trained on distillation
+    alone would walk away from the original on rounding noise.
     """
     from tqdm.auto import tqdm
     from transformers.modeling_outputs import BaseModelOutput
 
     base = Path(root).expanduser() if root is not None else default_cache_dir()
-    path = base / "teacher-topk" / f"{weights_fingerprint(teacher)}-k{k}-T{temperature:g}.pt"
+    path = base / "teacher-topk" / f"{weights_fingerprint(teacher)}-k{k}-T{temperature:g}-f32.pt"
     known: dict[str, TopK] = torch.load(path, weights_only=True) if path.is_file() else {}
     todo = list({item_key(it): it for it in items if item_key(it) not in known}.values())
     device = next(teacher.parameters()).device
@@ -321,7 +324,7 @@ def teacher_topk(
         values, idx = logp.topk(k, dim=-1)  # (B, L, k)
         for row, it in enumerate(chunk):
             n = len(it.input_ids)
-            known[item_key(it)] = (idx[row, :n].to("cpu", torch.int32), values[row, :n].to("cpu", torch.float16))
+            known[item_key(it)] = (idx[row, :n].to("cpu", torch.int32), values[row, :n].to("cpu", torch.float32))
     if todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
@@ -335,7 +338,7 @@ def collate_topk(items: Sequence[TrainItem], targets: dict[str, TopK]) -> TopK:
     rows = [targets[item_key(it)] for it in items]
     length, k = max(len(it.input_ids) for it in items), rows[0][0].shape[-1]
     idx = torch.zeros(len(items), length, k, dtype=torch.int32)
-    logp = torch.zeros(len(items), length, k, dtype=torch.float16)
+    logp = torch.zeros(len(items), length, k, dtype=torch.float32)
     for r, (i, v) in enumerate(rows):
         idx[r, : i.shape[0]], logp[r, : v.shape[0]] = i, v
     return idx, logp
