@@ -126,10 +126,3 @@ def test_cli_quantize_on_a_gpu_is_one_line_before_loading(capsys):
     assert code == 2 and not load.called
     err = capsys.readouterr().err.strip()
     assert "CPU only" in err and "\n" not in err and "Traceback" not in err
-
-
-def test_the_lowrank_attention_range_is_the_bench_profile_part():
-    """The joint down product of low-rank q/k/v is found by its profiler range: the name must stay a part."""
-    from slimwhisper.lowrank.modules import PROFILE_RANGE
-
-    assert op_part(PROFILE_RANGE) == "linear_lowrank"

@@ -31,28 +31,3 @@ def test_reduced_attention_equals_two_linear_path(tiny_model, encoder_stats):
         attn2.attention_path = "reduced"
         red = attn2(x)[0]
     torch.testing.assert_close(red, ref, atol=1e-5, rtol=1e-4)
-
-
-def test_joint_down_projections_equal_the_hf_path(tiny_model, encoder_stats):
-    """At ranks where the rank space does not pay, the module still runs its own path: the `down` halves of
-    q, k and v as one product. It equals HF's attention in float and, under int8, the separate int8 calls."""
-    from slimwhisper.engine.quantize import quantize_dynamic_int8
-
-    slim = sw.convert(tiny_model, LowRankConfig(rank=24, granule=8), calibration=encoder_stats)
-    attn = slim.model.encoder.layers[0].self_attn
-    assert attn.reduced_plan(50) == (False, False) and len(attn.low_rank_inputs()) == 3
-    calls = []
-    attn.q_proj.register_forward_hook(lambda *a: calls.append("q"))  # the whole q_proj never runs
-    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        own = attn(x)[0]
-        assert not calls
-        attn.attention_path = "standard"
-        ref = attn(x)[0]
-        assert calls
-    torch.testing.assert_close(own, ref, atol=1e-5, rtol=1e-4)
-    q = quantize_dynamic_int8(slim).model.encoder.layers[0].self_attn
-    low = q.downs(x)
-    assert q._int8_down[1] is not None  # the int8 rows were stacked into one call
-    for name, out in low.items():
-        assert torch.equal(out, getattr(q, name).down(x))

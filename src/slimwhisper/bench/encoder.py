@@ -43,8 +43,7 @@ from ..roofline import MachinePeaks, encoder_roofline, measure_peaks
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
 PROFILE_PARTS = ("linear_dense", "linear_lowrank", "attention", "gelu", "layer_norm", "conv", "copies", "other")
-# profiler ranges opened around every linear module's call (and `lowrank.modules.PROFILE_RANGE`)
-RANGE_PREFIX = "slimwhisper::"
+RANGE_PREFIX = "slimwhisper::"  # profiler ranges opened around every linear module's call
 # an op is counted in the part of the outermost op (or linear range) whose name holds one of these words
 OP_PARTS = (
     (("scaled_dot_product", "softmax", "matmul", "bmm", "einsum", "baddbmm"), "attention"),

@@ -2,12 +2,10 @@
 
 `LowRankLinear` is two `nn.Linear`s, `down` [rank, in] without bias and `up` [out, rank] with the
 PCA-corrected bias. `WhisperLowRankAttention` is a `WhisperAttention` whose projections may be
-low-rank. For encoder self-attention without mask, cache or recorded weights it runs its own path:
-the `down` halves of the low-rank q, k and v read the same input, so they run as one matrix product
-(one wide product keeps the CPU's matrix kernels busier than two or three thin ones), and scores and
-values are computed in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and
-keeps q, k and v at one head dim (so the fused SDPA kernel still applies). Anything else (and
-`attention_path = "standard"`) runs the ordinary HF attention path (any attention backend).
+low-rank; for encoder self-attention without mask, cache or recorded weights it computes scores and
+values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and keeps q, k and v
+at one head dim (so the fused SDPA kernel still applies), and otherwise runs the ordinary HF
+attention path (any attention backend).
 """
 from __future__ import annotations
 
@@ -19,8 +17,6 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 from .math import choose_attention_path, keep_fused_kernel, reduced_scores_operands
 
 ATTENTION_PATHS = ("auto", "reduced", "standard")
-# The joint down product is no module call, so `bench encoder`'s profile finds it by this range name.
-PROFILE_RANGE = "slimwhisper::linear_lowrank"
 
 
 class LowRankLinear(nn.Module):
@@ -99,63 +95,30 @@ class WhisperLowRankAttention(WhisperAttention):
             or self.is_causal
             or (self.training and self.dropout > 0)
         )
-        if plain or self.attention_path == "standard" or not self.low_rank_inputs():
+        scores, values = (False, False) if plain else self.reduced_plan(hidden_states.shape[1])
+        if not (scores or values):
             return super().forward(
                 hidden_states, key_value_states, past_key_values, attention_mask, output_attentions, **kwargs
             )
-        return self.reduced_forward(hidden_states, *self.reduced_plan(hidden_states.shape[1])), None
-
-    def low_rank_inputs(self) -> list[str]:
-        """Names of the low-rank projections among q, k and v (those read the layer's input)."""
-        return [n for n in ("q_proj", "k_proj", "v_proj") if isinstance(getattr(self, n), LowRankLinear)]
-
-    def downs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The `down` outputs of the low-rank q/k/v projections, as one matrix product where they allow it."""
-        names = self.low_rank_inputs()
-        modules = [getattr(self, n).down for n in names]
-        call = self._stacked_down(modules) if len(names) > 1 else None
-        if call is None:
-            return {n: m(x) for n, m in zip(names, modules)}
-        with torch.profiler.record_function(PROFILE_RANGE):
-            joint = call(x)
-        return dict(zip(names, joint.split([m.out_features for m in modules], dim=-1)))
-
-    def _stacked_down(self, modules: list[nn.Module]):
-        """One callable computing [m1(x) | m2(x) | ...]: float weights concatenated per call (they may be
-        training), int8 rows stacked once and kept (an int8 model is frozen); None if neither applies."""
-        if all(type(m) is nn.Linear and m.bias is None for m in modules):
-            weight = torch.cat([m.weight for m in modules])
-            return lambda x: F.linear(x, weight)
-        key = tuple(id(m) for m in modules)
-        if getattr(self, "_int8_down", (None,))[0] != key:
-            from ..engine.quantize import stack_int8_rows  # the engine imports this module
-
-            self._int8_down = (key, stack_int8_rows(modules))
-        return self._int8_down[1]
+        return self.reduced_forward(hidden_states, scores, values), None
 
     def reduced_forward(self, x: torch.Tensor, reduce_scores: bool, reduce_values: bool) -> torch.Tensor:
         """Self-attention over x [B, L, d] with scores and/or values in the projections' rank space."""
         batch, length, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        low = self.downs(x)
-
-        def full(name: str) -> torch.Tensor:  # [B, H, L, head_dim]
-            proj = getattr(self, name)
-            out = proj.up(low[name]) if name in low else proj(x)
-            return out.view(batch, length, heads, head_dim).transpose(1, 2)
-
+        split = lambda t: t.view(batch, length, heads, head_dim).transpose(1, 2)  # noqa: E731
         if reduce_scores:
             q, k = self.q_proj, self.k_proj
             query, key = reduced_scores_operands(
-                low["q_proj"], low["k_proj"], q.up.weight, q.up.bias, k.up.weight, k.up.bias, heads
+                q.down(x), k.down(x), q.up.weight, q.up.bias, k.up.weight, k.up.bias, heads
             )
         else:
-            query, key = full("q_proj"), full("k_proj")
+            query, key = split(self.q_proj(x)), split(self.k_proj(x))
         if reduce_values:
-            v_low = low["v_proj"]
+            v_low = self.v_proj.down(x)
             value = v_low.unsqueeze(1).expand(batch, heads, length, v_low.shape[-1])
         else:
-            value = full("v_proj")
+            value = split(self.v_proj(x))
         out = F.scaled_dot_product_attention(query, key, value, scale=self.scaling)
         if reduce_values:  # rows of the softmax sum to 1, so the bias passes through (Eq. 16)
             up = self.v_proj.up
