@@ -304,7 +304,7 @@ def teacher_topk(
     distillation targets never change: one pass here replaces a teacher forward in every training step.
     The log-probs stay float32: rounded to float16 they differ from what the unchanged original computes
     by ~1e-3, a gradient that Adam scales up to full-size steps, so a control trained on distillation
-    alone would walk away from the original on rounding noise.
+    alone walked away from the original on rounding noise.
     """
     from tqdm.auto import tqdm
     from transformers.modeling_outputs import BaseModelOutput
