@@ -39,7 +39,15 @@ from .calibrate import (
     probe_features,
 )
 from .config import LowRankConfig
-from .math import budget_ranks, energy_rank, fixed_rank, flops_kept, pca_factors, uniform_budget_ranks
+from .math import (
+    budget_ranks,
+    energy_rank,
+    fixed_rank,
+    flops_kept,
+    largest_saving_rank,
+    pca_factors,
+    uniform_budget_ranks,
+)
 from .modules import LowRankLinear, WhisperLowRankAttention
 
 ENCODER_LAYERS = "model.encoder.layers"
@@ -214,7 +222,7 @@ def _check_fixed_rank(linears: dict[str, nn.Linear], config: LowRankConfig) -> N
     shapes = [(m.in_features, m.out_features) for m in linears.values()]
     if any(fixed_rank(config.rank, i, o) is not None for i, o in shapes):
         return
-    best = max((i * o - 1) // (i + o) for i, o in shapes)
+    best = max(largest_saving_rank(i, o) for i, o in shapes)
     raise SlimWhisperError(f"rank {config.rank} saves nothing on any target linear (a rank-k pair costs k·(in+out) "
                            f"multiplies against in·out), so all would stay dense; choose a rank of at most {best}")
 

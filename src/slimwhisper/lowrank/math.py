@@ -50,7 +50,7 @@ def energy_rank(
                 break
     if k is None:
         return None
-    if dense_if_no_saving and k * (d_in + d_out) >= d_in * d_out:
+    if dense_if_no_saving and k > largest_saving_rank(d_in, d_out):
         return None
     return k
 
@@ -58,9 +58,14 @@ def energy_rank(
 def fixed_rank(rank: int, d_in: int, d_out: int, dense_if_no_saving: bool = True) -> int | None:
     """A fixed rank capped at d_out, or None when it would not save compute."""
     k = min(rank, d_out)
-    if dense_if_no_saving and k * (d_in + d_out) >= d_in * d_out:
+    if dense_if_no_saving and k > largest_saving_rank(d_in, d_out):
         return None
     return k
+
+
+def largest_saving_rank(d_in: int, d_out: int) -> int:
+    """The largest rank k whose pair costs fewer multiplies than the dense linear: k·(in+out) < in·out."""
+    return (d_in * d_out - 1) // (d_in + d_out)
 
 
 def pca_factors(
