@@ -1,6 +1,7 @@
 """recovery/train.py: batch order, trainable scope, the encoder cache switch, resume, real tiny.en."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -121,7 +122,6 @@ def test_real_tiny_en_few_steps_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("layers", ["final", "all"])
 def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(english, tmp_path, layers):
-    import csv
 
     from conftest import calib_audio
     from slimwhisper.lowrank import LowRankConfig
@@ -166,17 +166,29 @@ def test_encoder_distillation_trains_a_low_rank_encoder_towards_the_original(eng
 
 
 def test_a_control_trained_on_distillation_alone_stays_the_original(english, tmp_path):
-    """A control starts equal to its teacher, so distillation alone gives it (nearly) nothing to learn: its first
-    loss is rounding noise and it stays where it began. Targets rounded to float16 made that noise ~1e-7 and
-    Adam turned it into full-size steps, walking the control away from the original."""
+    """A control starts equal to its teacher, so distillation alone gives it nothing to learn: its loss is
+    rounding noise. Adam scales any gradient to a step of about the learning rate, so updating on that noise
+    walked the control away from the original; below `min_loss` the step is skipped and the control stays
+    where it began, bit for bit, while a student that really differs from its teacher still trains."""
     _, processor = english
     manifest = write_clips(tmp_path / "d", n=4)
-    student, _ = tiny_pair(False, seed=0)
     teacher, _ = tiny_pair(False, seed=0)
+    with torch.no_grad():  # rounding-sized differences, as batch shapes and cached targets leave on real models
+        teacher.model.decoder.layers[0].fc1.weight.mul_(1 + 1e-6)
     config = FinetuneConfig(**{**FAST, "steps": 3, "warmup_steps": 0, "lr": 3e-5, "ce_weight": 0.0})
-    finetune(student, manifest, config, processor=processor, teacher=teacher, work_dir=tmp_path / "w",
-             cache_dir=tmp_path / "c", progress=False)
-    first_kd = float((tmp_path / "w" / "loss.csv").read_text().splitlines()[1].split(",")[4])
-    assert first_kd < 1e-9
-    drift = max((a - b).abs().max().item() for a, b in zip(student.parameters(), teacher.parameters()))
-    assert drift < 3e-5  # less than one full Adam step of lr 3e-5 on any weight
+
+    def train(rule: float, perturb: float, name: str) -> tuple[bool, list[str]]:
+        student, _ = tiny_pair(False, seed=0)
+        with torch.no_grad():
+            for layer in student.model.decoder.layers:
+                layer.fc1.weight.mul_(perturb)
+        start = [p.detach().clone() for p in student.parameters()]
+        finetune(student, manifest, FinetuneConfig(**{**config.to_dict(), "min_loss": rule}), processor=processor,
+                 teacher=teacher, work_dir=tmp_path / name, cache_dir=tmp_path / "c", progress=False)
+        with (tmp_path / name / "loss.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        return all(torch.equal(a, b) for a, b in zip(student.parameters(), start)), [r["skipped"] for r in rows]
+
+    assert train(config.min_loss, 1.0, "control") == (True, ["1"] * 3)
+    assert train(0.0, 1.0, "no-rule") == (False, ["0"] * 3)  # the walk the rule prevents
+    assert train(config.min_loss, 3.0, "model") == (False, ["0"] * 3)

@@ -54,6 +54,11 @@ class FinetuneConfig(Recipe):
         min_lr_ratio: final learning rate as a fraction of `lr`.
         decay_fraction: share of the steps that WSD spends decaying.
         clip_norm: gradient clipping (global L2 norm); 0 disables it.
+        min_loss: a step whose whole loss is below this in magnitude skips the optimizer update (it is still logged and
+            counts in the schedule). Such a loss is float rounding, not signal: a control trained by
+            distillation alone starts equal to its teacher, and Adam, which scales every gradient to a
+            step of about the learning rate, would turn that rounding into a random walk away from the
+            original. Any real compression's loss is orders of magnitude above it; 0 never skips.
         ce_weight, kd_weight: weights of cross-entropy on the targets (the original's transcripts, or the
             references with label_free off) and of the distillation loss.
         encoder_weight: weight of encoder distillation: the squared error of the student encoder's
@@ -86,6 +91,7 @@ class FinetuneConfig(Recipe):
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.1
     clip_norm: float = 1.0
+    min_loss: float = 1e-6
     ce_weight: float = 0.0
     kd_weight: float = 1.0
     encoder_weight: float = 0.0
@@ -120,7 +126,8 @@ class FinetuneConfig(Recipe):
             (self.warmup_steps >= 0, f"warmup_steps must not be negative, got {self.warmup_steps}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
-            (self.clip_norm >= 0 and self.weight_decay >= 0, "clip_norm and weight_decay must not be negative"),
+            (self.clip_norm >= 0 and self.weight_decay >= 0 and self.min_loss >= 0,
+             "clip_norm, weight_decay and min_loss must not be negative"),
             (self.ce_weight >= 0 and self.kd_weight >= 0 and self.ce_weight + self.kd_weight > 0,
              "ce_weight and kd_weight must not be negative, and not both 0 (with --kd-weight 0, give "
              "--ce-weight 1)"),

@@ -54,7 +54,7 @@ from .data import (
 )
 from .losses import IGNORE_INDEX, combined_loss, encoder_distillation, lr_factor
 
-LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "enc", "time")
+LOG_FIELDS = ("step", "lr", "loss", "ce", "kd", "enc", "skipped", "time")
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 # Test hook only: seconds to pause inside each checkpoint write, so a test can SIGKILL a run mid-write.
@@ -324,10 +324,15 @@ def labelled_tokens(items: Sequence[TrainItem]) -> int:
     return sum(sum(1 for t in it.labels if t != IGNORE_INDEX) for it in items)
 
 
+def skips(loss: float, min_loss: float) -> bool:
+    """Whether a step's loss is rounding rather than signal (a rounded KL can be slightly negative); 0 never skips."""
+    return abs(loss) < min_loss
+
+
 def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int, sources: _Sources,
                 config: FinetuneConfig, accelerator, pad_id: int) -> torch.Tensor:
-    """One optimizer step over this process's share of the step's batch; returns this process's share of the
-    step's (loss, ce, kd): the shares of all processes sum to the step's token means."""
+    """One optimizer step over this process's share of the step's batch, skipped when the step's loss is below
+    `min_loss` (rounding, not signal); returns the whole step's (loss, ce, kd, enc), summed over processes."""
     world = accelerator.num_processes
     batch = batch_indices(step, config.batch_size, len(items), config.seed)
     tokens = labelled_tokens([items[j] for j in batch])  # every process knows the whole batch: no all-reduce
@@ -339,9 +344,11 @@ def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int,
             parts = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
             accelerator.backward(parts[0] * world)  # DDP averages over processes; the step's loss is their sum
         totals += torch.stack([p.detach() for p in parts])
-    if config.clip_norm > 0:
-        accelerator.clip_grad_norm_(params, config.clip_norm)
-    optimizer.step()
+    totals = accelerator.reduce(totals, reduction="sum")  # every process decides on the whole step's loss
+    if not skips(float(totals[0]), config.min_loss):
+        if config.clip_norm > 0:
+            accelerator.clip_grad_norm_(params, config.clip_norm)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
 
@@ -533,9 +540,9 @@ def _logged_step(run: _Run, step: int, elapsed: float, t0: float) -> dict:
         group["lr"] = lr
     totals = _train_step(run.model, run.optimizer, run.params, run.items, step, run.sources, config,
                          run.accelerator, run.pad_id)
-    totals = run.accelerator.reduce(totals, reduction="sum")  # each process returned its share
     return {"step": step + 1, "lr": lr, "loss": float(totals[0]), "ce": float(totals[1]), "kd": float(totals[2]),
-            "enc": float(totals[3]), "time": round(elapsed + time.perf_counter() - t0, 2)}
+            "enc": float(totals[3]), "skipped": int(skips(float(totals[0]), config.min_loss)),
+            "time": round(elapsed + time.perf_counter() - t0, 2)}
 
 
 def data_fingerprint(items: Sequence[TrainItem]) -> str:
