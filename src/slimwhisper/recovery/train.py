@@ -339,10 +339,12 @@ def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int,
     mine = batch[accelerator.process_index::world]
     micro = [mine[i : i + config.micro_batch_size] for i in range(0, len(mine), config.micro_batch_size)]
     totals = torch.zeros(4, device=accelerator.device)
+    whole = world == 1 and len(micro) == 1  # this forward is the whole step: its loss is known before backward
     for i, idx in enumerate(micro):
         with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():  # sync on the last only
             parts = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
-            accelerator.backward(parts[0] * world)  # DDP averages over processes; the step's loss is their sum
+            if not (whole and skips(float(parts[0].detach()), config.min_loss)):  # a skipped step needs no gradient
+                accelerator.backward(parts[0] * world)  # DDP averages over processes; the step's loss is their sum
         totals += torch.stack([p.detach() for p in parts])
     totals = accelerator.reduce(totals, reduction="sum")  # every process decides on the whole step's loss
     if not skips(float(totals[0]), config.min_loss):
