@@ -30,7 +30,7 @@ ENCODER_LAYERS = ("final", "all")
 # low-rank linears, and MLA attention if any) with the encoder's output distilled too, at the learning
 # rate the factor pairs need, and cross-entropy on the original's transcripts beside the distillation (what
 # this recipe was measured with; see docs/recovery.md).
-LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4, "ce_weight": 1.0}
+LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4}
 
 
 @dataclass(frozen=True)
