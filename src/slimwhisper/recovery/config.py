@@ -28,8 +28,7 @@ ENCODER_LAYERS = ("final", "all")
 
 # What the bare command changes when the model's encoder is low-rank: train the converted modules (the
 # low-rank linears, and MLA attention if any) with the encoder's output distilled too, at the learning
-# rate the factor pairs need, and cross-entropy on the original's transcripts beside the distillation (what
-# this recipe was measured with; see docs/recovery.md).
+# rate the factor pairs need (see docs/recovery.md). Like the plain recipe it distils alone.
 LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4}
 
 
@@ -54,11 +53,12 @@ class FinetuneConfig(Recipe):
         min_lr_ratio: final learning rate as a fraction of `lr`.
         decay_fraction: share of the steps that WSD spends decaying.
         clip_norm: gradient clipping (global L2 norm); 0 disables it.
-        min_loss: a step whose whole loss is below this in magnitude skips the optimizer update (it is still logged and
-            counts in the schedule). Such a loss is float rounding, not signal: a control trained by
-            distillation alone starts equal to its teacher, and Adam, which scales every gradient to a
-            step of about the learning rate, would turn that rounding into a random walk away from the
-            original. Any real compression's loss is orders of magnitude above it; 0 never skips.
+        min_loss: a step whose whole loss is below this in magnitude skips the optimizer update (it is
+            still logged and counts in the schedule). Such a loss is float rounding, not signal: a control
+            trained by distillation alone starts equal to its teacher, and Adam, which scales every
+            gradient to a step of about the learning rate, would turn that rounding into a random walk
+            away from the original. Any real compression's loss is orders of magnitude above it; 0 never
+            skips.
         ce_weight, kd_weight: weights of cross-entropy on the targets (the original's transcripts, or the
             references with label_free off) and of the distillation loss.
         encoder_weight: weight of encoder distillation: the squared error of the student encoder's
