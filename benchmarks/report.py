@@ -50,6 +50,8 @@ def command(result: dict) -> str:
         words[0] = "slimwhisper"
     elif words and "python" in Path(words[0]).name:
         words[0] = "python"
+    elif words and words[0].endswith(".py"):  # a script records its own path as argv[0]
+        words.insert(0, "python")
     return " ".join(words)
 
 
