@@ -126,8 +126,8 @@ class FinetuneConfig(Recipe):
             (self.warmup_steps >= 0, f"warmup_steps must not be negative, got {self.warmup_steps}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
-            (self.clip_norm >= 0 and self.weight_decay >= 0 and self.min_loss >= 0,
-             "clip_norm, weight_decay and min_loss must not be negative"),
+            (self.clip_norm >= 0 and self.weight_decay >= 0, "clip_norm and weight_decay must not be negative"),
+            (self.min_loss >= 0, f"min_loss must not be negative (0 never skips a step), got {self.min_loss}"),
             (self.ce_weight >= 0 and self.kd_weight >= 0 and self.ce_weight + self.kd_weight > 0,
              "ce_weight and kd_weight must not be negative, and not both 0 (with --kd-weight 0, give "
              "--ce-weight 1)"),
