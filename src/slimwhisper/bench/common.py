@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def run_metadata(**settings: Any) -> dict[str, Any]:
     """What every result file records: when, where (machine, threads), with what (versions, commit, command)."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),  # quoted, so an argument with spaces reads back as one
         "machine": machine_info(),
         "versions": versions(),
         "commit": git_commit(),
