@@ -1,11 +1,11 @@
 """WER against the whole decoder cache of an utterance: MLA self-only and self+cross, before and after recovery.
 
 For one model, converts it at every KV reduction for decoder self-attention alone and for self + cross
-attention (the default activation-aware recipe, no fine-tuning), evaluates every variant with the float
-and the int8 engine cache, adds the recovered models given with --recovered (each against its paired
-control), and writes a table and a plot of WER against the decoder's KV bytes per utterance: 448
-self-attention positions plus one 30-s cross-attention window, fp16 for the float cache, int8 numbers
-plus float32 scales for the int8 cache (`slimwhisper info --json`).
+attention (the default activation-aware recipe, its budget spread as --allocation says, no fine-tuning),
+evaluates every variant with the float and the int8 engine cache, adds the recovered models given with
+--recovered (each against its paired control), and writes a table and a plot of WER against the
+decoder's KV bytes per utterance: 448 self-attention positions plus one 30-s cross-attention window,
+fp16 for the float cache, int8 numbers plus float32 scales for the int8 cache (`slimwhisper info --json`).
 
     python benchmarks/kv_pareto.py --model tiny.en --data ../shared/data/realspeech/manifest.jsonl \
         --language en --work runs/kv-pareto-tiny-en --out benchmarks/results/pareto-tiny-en \
@@ -56,10 +56,10 @@ def evaluate(model: str, out: Path, args: argparse.Namespace, cache: str, baseli
     return json.loads((out / "summary.json").read_text())
 
 
-def convert(model: str, modules: str, reduction: float, out: Path, calibration: str) -> str:
+def convert(model: str, modules: str, reduction: float, out: Path, calibration: str, allocation: str) -> str:
     if not (out / "config.json").is_file():
         slimwhisper("convert", "--model", model, "--modules", modules, "--kv-reduction", str(reduction),
-                    "--calibration", calibration, "--out", str(out), "--quiet")
+                    "--allocation", allocation, "--calibration", calibration, "--out", str(out), "--quiet")
     return str(out)
 
 
@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--language", help="evaluate only this language")
     p.add_argument("--calibration", help="calibration audio for the conversions (default: --data)")
     p.add_argument("--reductions", type=float, nargs="+", default=list(REDUCTIONS))
+    p.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
+                   help="how each conversion spreads its budget (default greedy, as `slimwhisper convert` does)")
     p.add_argument("--recovered", nargs="*", default=[], metavar="LABEL=DIR",
                    help="`slimwhisper finetune --control` outputs: DIR/model against DIR/control")
     p.add_argument("--work", required=True, help="folder for the converted models and evaluations")
@@ -127,8 +129,9 @@ def main() -> None:
     rows = rows_for("original", args.model, work / "original", args)
     for name, modules in MODULES.items():
         for r in args.reductions:
-            model = convert(args.model, modules, r, work / f"{name}-{r}", args.calibration or args.data)
-            rows += rows_for(f"{name} {100 * r:g}%, no fine-tuning", model, work / f"{name}-{r}", args)
+            folder = work / f"{name}-{r}-{args.allocation}"
+            model = convert(args.model, modules, r, folder, args.calibration or args.data, args.allocation)
+            rows += rows_for(f"{name} {100 * r:g}%, no fine-tuning", model, folder, args)
     for spec in args.recovered:
         label, folder = spec.split("=", 1)
         rows += rows_for(f"{label}, recovered", f"{folder}/model", work / f"recovered-{label}", args,
@@ -140,7 +143,8 @@ def main() -> None:
               f"{100 * r['wer']:.2f}", f"{100 * r['cer']:.2f}",
               f"{100 * r['delta_wer']:+.2f}{' ✱' if r['significant'] else ''}" if "delta_wer" in r else ""]
              for r in rows]
-    write_result(str(out), {"header": header, "rows": table, "points": rows, "plot": "pareto.png", **run_metadata()})
+    write_result(str(out), {"header": header, "rows": table, "points": rows, "plot": "pareto.png",
+                            **run_metadata(allocation=args.allocation)})
     print(json.dumps({"out": str(out), "points": len(rows)}))
 
 
