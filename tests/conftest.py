@@ -28,6 +28,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+def benchmark_script(name: str):
+    """The module of benchmarks/<name>.py (the scripts are not a package), so tests can call its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Special ids of the tiny vocabulary (an English-only layout, like tiny.en's).
 EOT, SOT, PREV, NO_TS = 90, 91, 92, 93
 

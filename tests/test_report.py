@@ -1,14 +1,13 @@
 """benchmarks/report.py: BENCHMARKS.md is exactly what the stored results give, and every kind renders."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+report = benchmark_script("report")
 
 
 def test_benchmarks_md_and_readme_are_rebuilt_from_the_results_unchanged():

@@ -2,19 +2,15 @@
 figures are the KL and agreement of the labelled positions only."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-from conftest import tiny_whisper
+from conftest import benchmark_script, tiny_whisper
 from slimwhisper.data import Sample
 from slimwhisper.recovery.data import EncoderCache, TrainItem, weights_fingerprint
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("distill_gap", ROOT / "benchmarks" / "distill_gap.py")
-distill_gap = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill_gap)
+distill_gap = benchmark_script("distill_gap")
 
 
 def test_token_gap_counts_only_labelled_positions():

@@ -1,17 +1,11 @@
 """benchmarks/trimmed_window.py: its encoder forward is the stock one at the full window, and windows round as said."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-from conftest import tiny_whisper
+from conftest import benchmark_script, tiny_whisper
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("trimmed_window", ROOT / "benchmarks" / "trimmed_window.py")
-trimmed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(trimmed)
+trimmed = benchmark_script("trimmed_window")
 
 
 def test_the_full_window_reproduces_the_stock_encoder_and_a_trimmed_one_its_first_frames_input():
