@@ -57,6 +57,8 @@ def test_low_rank_encoder_gets_its_recipe_unless_told_otherwise():
     assert (told.lr, told.scope, told.encoder_weight) == (5e-5, "all", LOWRANK_ENCODER_RECIPE["encoder_weight"])
     assert config("--encoder-weight", "0", compression={"lowrank": {}}).encoder_weight == 0.0
     assert config(compression={"mla": {}}) == FinetuneConfig()
+    assert lowrank.steps < plain.steps and config("--steps", "50", compression={"lowrank": {}}).steps == 50
+    assert not plain.embeddings and config("--embeddings").embeddings and not config("--no-embeddings").embeddings
     assert config("--encoder-layers", "all", compression={"lowrank": {}}).encoder_layers == "all"
     with pytest.raises(SystemExit):  # argparse's own one-line error
         config("--encoder-layers", "some")

@@ -80,3 +80,10 @@ def test_a_run_recorded_before_a_recipe_field_existed_still_resumes(tmp_path):
     other = {**identity, "config": FinetuneConfig(encoder_weight=1.0).to_dict()}
     with pytest.raises(SlimWhisperError, match="other settings"):
         _read_record(tmp_path, tmp_path / RUN_FILE, other)
+    # before `embeddings` existed every run trained them: such a record resumes only a run that does too
+    before = {**identity, "config": {k: v for k, v in identity["config"].items() if k != "embeddings"}}
+    (tmp_path / RUN_FILE).write_text(json.dumps({"identity": before, "arms": {}}))
+    trains_them = {**identity, "config": FinetuneConfig(embeddings=True).to_dict()}
+    assert _read_record(tmp_path, tmp_path / RUN_FILE, trains_them)["identity"] == before
+    with pytest.raises(SlimWhisperError, match="other settings"):
+        _read_record(tmp_path, tmp_path / RUN_FILE, identity)

@@ -41,25 +41,35 @@ def test_scope_converted_selects_exactly_the_mla_modules(slim):
     control_names = select_trainable(original, "converted", paths)
     assert {n.rsplit(".", 2)[0] for n in control_names} == set(paths)
     assert control_names == under(original, tuple(p + "." for p in paths)) == trained(original)
+    embedding = ("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight")
     decoder = select_trainable(model, "decoder")
-    assert decoder == under(model, ("model.decoder.",)) == trained(model) and len(decoder) > len(names)
-    assert select_trainable(model, "all") == [n for n, _ in model.named_parameters()] == trained(model)
+    assert decoder == [n for n in under(model, ("model.decoder.",)) if n not in embedding] == trained(model)
+    assert len(decoder) > len(names) and not any("embed" in n for n in decoder)
+    with_embeddings = select_trainable(model, "decoder", embeddings=True)
+    assert with_embeddings == under(model, ("model.decoder.",)) == trained(model)
+    assert set(with_embeddings) - set(decoder) == set(embedding)
+    everything = [n for n, _ in model.named_parameters()]
+    assert select_trainable(model, "all", embeddings=True) == everything == trained(model)
+    assert select_trainable(model, "all") == [n for n in everything if "embed_" not in n] == trained(model)
     with pytest.raises(SlimWhisperError, match="no converted modules"):
         select_trainable(original, "converted", ())
 
 
-def test_one_step_changes_only_the_trainable_parameters(slim, tmp_path):
+@pytest.mark.parametrize("scope,embeddings", [("converted", False), ("decoder", False), ("decoder", True)])
+def test_one_step_changes_only_the_trainable_parameters(slim, tmp_path, scope, embeddings):
     model, original, processor = slim
     manifest = write_clips(tmp_path / "d", n=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head_before = model.proj_out.weight.detach().clone()  # tied to the token embedding
     teacher_before = {n: t.clone() for n, t in original.state_dict().items()}
-    config = FinetuneConfig(**{**FAST, "steps": 1, "warmup_steps": 0, "scope": "converted"})
+    config = FinetuneConfig(**{**FAST, "steps": 1, "warmup_steps": 0, "scope": scope, "embeddings": embeddings})
     result = finetune(model, manifest, config, processor=processor, teacher=original, cache_dir=tmp_path / "c",
                       progress=False)
     assert result.steps_done == 1 and result.encoder_cached
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trained = set(select_trainable(model, "converted", converted_paths(model.config)))
+    trained = set(select_trainable(model, scope, converted_paths(model.config), embeddings))
     assert changed == trained
+    assert torch.equal(model.proj_out.weight, head_before) != embeddings
     # training the compressed copy must not move the teacher
     assert all(torch.equal(t, teacher_before[n]) for n, t in original.state_dict().items())
 

@@ -45,6 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lowrank = LOWRANK_ENCODER_RECIPE
     p.add_argument("--scope", choices=SCOPES, help=f"trainable parameters (default {d.scope}; {lowrank['scope']} "
                    "for a low-rank encoder)")
+    p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=d.embeddings,
+                   help="also train the token and position embeddings of the scope (default: frozen)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")
     for name, kind in _OPTIONS.items():
         flags = ["--" + name.replace("_", "-")] + (["--batch"] if name == "batch_size" else [])
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace, compression: dict | None = None) 
     options not given take the recipe's default for that model."""
     known = {f.name for f in fields(FinetuneConfig)}
     values = {name: getattr(args, name) for name in _OPTIONS}
-    values.update(scope=args.scope, encoder_layers=args.encoder_layers, schedule=args.schedule,
+    values.update(scope=args.scope, embeddings=args.embeddings, encoder_layers=args.encoder_layers, schedule=args.schedule,
                   betas=tuple(args.betas), label_free=args.label_free, language=args.language,
                   mixed_precision=args.mixed_precision)
     given = {k: v for k, v in values.items() if k in known and v is not None}  # None: not given

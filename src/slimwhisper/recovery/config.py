@@ -1,9 +1,12 @@
 """`FinetuneConfig`: the recovery fine-tuning recipe (frozen, validated, JSON round trip).
 
 The defaults are the documented recipe: `slimwhisper finetune MODEL --train DATA --out DIR` with no
-other option trains the whole decoder (encoder frozen, its outputs cached) at a low learning rate to
-match the original by distillation from its logits, read on the original's own greedy transcripts
-(label-free), for 100 steps of 8 utterances (minutes on a CPU for tiny/base). Chosen by experiment
+other option trains the decoder's layers (encoder frozen, its outputs cached; embeddings frozen) at a
+low learning rate to match the original by distillation from its logits, read on the original's own
+greedy transcripts (label-free), for 300 steps of 8 utterances (minutes on a CPU for tiny/base). The
+tied token embedding is most of a small decoder's parameters, and training it let longer runs
+memorise their training sentences; frozen, more steps carry over to unseen speech (docs/recovery.md,
+"Frozen embeddings"). Chosen by experiment
 (tiny.en, 43 real English clips, each against its identically trained control; docs/recovery.md has
 the tables): at 87.5% self-attention KV reduction label-free targets cost +0.14 WER points (ns) where
 cross-entropy on the (lowercase, unpunctuated) references cost +0.43 (ns) and taught the model to drop
@@ -28,8 +31,9 @@ ENCODER_LAYERS = ("final", "all")
 
 # What the bare command changes when the model's encoder is low-rank: train the converted modules (the
 # low-rank linears, and MLA attention if any) with the encoder's output distilled too, at the learning
-# rate the factor pairs need (see docs/recovery.md). Like the plain recipe it distils alone.
-LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4}
+# rate the factor pairs need, for fewer steps, since the trained encoder makes each step several times
+# dearer (see docs/recovery.md). Like the plain recipe it distils alone.
+LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4, "steps": 100}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class FinetuneConfig(Recipe):
     Args:
         scope: trainable parameters: "converted" (the modules the compression replaced: MLA attention,
             low-rank encoder linears), "decoder" (the whole decoder) or "all".
+        embeddings: also train the token and position embeddings in the scope (the decoder's token
+            embedding is tied to its output projection). Off by default: see the module docstring.
         steps: optimizer steps.
         batch_size: utterances per optimizer step (over all processes and accumulation steps).
         micro_batch_size: at most this many utterances per forward pass (capped at batch_size, so
@@ -79,7 +85,8 @@ class FinetuneConfig(Recipe):
     """
 
     scope: str = "decoder"
-    steps: int = 100
+    embeddings: bool = False
+    steps: int = 300
     batch_size: int = 8
     micro_batch_size: int = 8
     lr: float = 3e-5

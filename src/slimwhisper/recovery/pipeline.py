@@ -95,11 +95,12 @@ def _prepare_out(job: RecoveryJob) -> tuple[Path, dict]:
 
 def _normalised(identity: dict) -> dict:
     """A saved run identity with its config read through `FinetuneConfig`, so a run recorded before a recipe
-    field existed (its default then) still resumes."""
+    field existed (its default then) still resumes. Runs recorded before `embeddings` existed trained them."""
     from ..errors import SlimWhisperError
 
+    config = {"embeddings": True, **identity.get("config", {})}
     try:
-        return {**identity, "config": FinetuneConfig.from_dict(identity.get("config", {})).to_dict()}
+        return {**identity, "config": FinetuneConfig.from_dict(config).to_dict()}
     except (SlimWhisperError, TypeError):
         return identity
 

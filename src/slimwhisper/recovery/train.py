@@ -95,8 +95,20 @@ def check_encoder_weight(config: FinetuneConfig, paths: Sequence[str]) -> None:
                                "use --scope converted (a low-rank encoder) or --scope all, or --encoder-weight 0")
 
 
-def select_trainable(model: nn.Module, scope: str, paths: Sequence[str] = ()) -> list[str]:
-    """Set `requires_grad` for `scope` ("converted" = the modules under `paths`) and return the trained names."""
+EMBEDDINGS = ("embed_tokens", "embed_positions")
+
+
+def is_embedding(name: str) -> bool:
+    """A token or position embedding (the decoder's token embedding is also its output projection)."""
+    return any(part in EMBEDDINGS for part in name.split("."))
+
+
+def select_trainable(model: nn.Module, scope: str, paths: Sequence[str] = (), embeddings: bool = False) -> list[str]:
+    """Set `requires_grad` for `scope` ("converted" = the modules under `paths`) and return the trained names.
+
+    Embeddings stay frozen unless `embeddings`: the tied token embedding is most of a small decoder's
+    parameters, and a few hundred utterances move every row of it.
+    """
     names = [n for n, _ in model.named_parameters()]
     if scope == "all":
         chosen = set(names)
@@ -112,6 +124,8 @@ def select_trainable(model: nn.Module, scope: str, paths: Sequence[str] = ()) ->
         if missing:
             raise SlimWhisperError(f"the model has no modules {missing[:3]}; it does not match the converted one")
         chosen = {n for n in names if n.startswith(tuple(p + "." for p in paths))}
+    if not embeddings:
+        chosen = {n for n in chosen if not is_embedding(n)}
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return [n for n in names if n in chosen]
@@ -461,7 +475,7 @@ def _trainable_setup(model: nn.Module, teacher: nn.Module | None, config: Finetu
                      scope_paths: Sequence[str] | None, accelerator: Any) -> tuple[list[str], list[nn.Parameter], Any]:
     """Freeze all but the trained scope (the teacher entirely); returns the trained names, parameters and optimizer."""
     paths = tuple(scope_paths) if scope_paths is not None else converted_paths(model.config)
-    names = select_trainable(model, config.scope, paths)
+    names = select_trainable(model, config.scope, paths, config.embeddings)
     model.eval()  # dropout and layerdrop off (Whisper has none); gradients flow in eval mode
     if teacher is not None:
         unshare(model, teacher)
