@@ -76,9 +76,9 @@ def config_from_args(args: argparse.Namespace, compression: dict | None = None) 
     options not given take the recipe's default for that model."""
     known = {f.name for f in fields(FinetuneConfig)}
     values = {name: getattr(args, name) for name in _OPTIONS}
-    values.update(scope=args.scope, embeddings=args.embeddings, encoder_layers=args.encoder_layers, schedule=args.schedule,
-                  betas=tuple(args.betas), label_free=args.label_free, language=args.language,
-                  mixed_precision=args.mixed_precision)
+    values.update(scope=args.scope, embeddings=args.embeddings, encoder_layers=args.encoder_layers,
+                  schedule=args.schedule, betas=tuple(args.betas), label_free=args.label_free,
+                  language=args.language, mixed_precision=args.mixed_precision)
     given = {k: v for k, v in values.items() if k in known and v is not None}  # None: not given
     return FinetuneConfig(**{**FinetuneConfig.defaults_for(compression), **given})
 

@@ -35,6 +35,10 @@ ENCODER_LAYERS = ("final", "all")
 # dearer (see docs/recovery.md). Like the plain recipe it distils alone.
 LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4, "steps": 100}
 
+# What a field missing from a run recorded before it existed meant, where that differs from today's
+# default: every run before `embeddings` existed trained them.
+RECORDED_BEFORE = {"embeddings": True}
+
 
 @dataclass(frozen=True)
 class FinetuneConfig(Recipe):

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import SlimWhisperError
 from ..loading.processor import save_processor
-from .config import FinetuneConfig
+from .config import RECORDED_BEFORE, FinetuneConfig
 from .train import check_encoder_weight, converted_paths, finetune, on_cpu
 
 RUN_FILE = "finetune.json"
@@ -95,10 +95,10 @@ def _prepare_out(job: RecoveryJob) -> tuple[Path, dict]:
 
 def _normalised(identity: dict) -> dict:
     """A saved run identity with its config read through `FinetuneConfig`, so a run recorded before a recipe
-    field existed (its default then) still resumes. Runs recorded before `embeddings` existed trained them."""
+    field existed (its value then: `RECORDED_BEFORE`, else today's default) still resumes."""
     from ..errors import SlimWhisperError
 
-    config = {"embeddings": True, **identity.get("config", {})}
+    config = {**RECORDED_BEFORE, **identity.get("config", {})}
     try:
         return {**identity, "config": FinetuneConfig.from_dict(config).to_dict()}
     except (SlimWhisperError, TypeError):
