@@ -11,6 +11,7 @@ import slimwhisper as sw
 from conftest import tiny_pair, write_clips
 from slimwhisper.cli import main
 from slimwhisper.loading.processor import save_processor
+from slimwhisper.recovery.train import converted_paths
 
 
 def saved_pair(tmp_path: Path) -> tuple[Path, Path]:
@@ -51,10 +52,11 @@ def test_cli_end_to_end_model_and_control(capsys, tmp_path):
     slim_config = json.loads((slim_dir / "config.json").read_text())
     assert model.config.compression == slim_config["compression"]
     assert "mla" not in (getattr(control.config, "compression", None) or {})
-    # the default scope trains the whole decoder of both arms, and nothing else
+    # the default scope trains the modules the conversion replaced, in both arms, and nothing else
     original, _ = sw.load(tmp_path / "orig")
     changed = {n for n, p in control.named_parameters() if not torch.equal(p, original.state_dict()[n])}
-    assert all(n.startswith("model.decoder.") for n in changed) and any(".fc1." in n for n in changed)
+    paths = tuple(p + "." for p in converted_paths(model.config))
+    assert paths and changed and all(n.startswith(paths) for n in changed)
     code, _, err = cli(capsys, "info", str(out / "model"), "--json")
     assert code == 0, err
     # the same command again: nothing is retrained

@@ -185,7 +185,8 @@ def test_a_control_trained_on_distillation_alone_stays_the_original(english, tmp
     teacher, _ = tiny_pair(False, seed=0)
     with torch.no_grad():  # rounding-sized differences, as batch shapes and cached targets leave on real models
         teacher.model.decoder.layers[0].fc1.weight.mul_(1 + 1e-6)
-    config = FinetuneConfig(**{**FAST, "steps": 3, "warmup_steps": 0, "lr": 3e-5, "ce_weight": 0.0})
+    config = FinetuneConfig(**{**FAST, "steps": 3, "warmup_steps": 0, "lr": 3e-5, "ce_weight": 0.0,
+                               "scope": "decoder"})
 
     def train(rule: float, perturb: float, name: str) -> tuple[bool, list[str]]:
         student, _ = tiny_pair(False, seed=0)

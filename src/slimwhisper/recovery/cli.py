@@ -32,10 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = FinetuneConfig()
     p = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a compressed model (with a paired control)",
-        description="Fine-tune a compressed model (by default its decoder, encoder frozen) to match its original: "
-        "distillation from its logits on its own transcripts (--ce-weight adds cross-entropy on them, or, with "
-        "--no-label-free, on the references); with --control, train the original identically as the baseline. "
-        "--scope converted trains only the compressed modules (e.g. a low-rank encoder).",
+        description="Fine-tune a compressed model (by default the modules the compression replaced; the rest "
+        "frozen) to match its original: distillation from its logits on its own transcripts (--ce-weight adds "
+        "cross-entropy on them, or, with --no-label-free, on the references); with --control, train the same "
+        "modules of the original identically as the baseline. --scope decoder trains the whole decoder.",
     )
     add_model(p, help="a compressed model directory (from `slimwhisper convert` / `compress-encoder`)")
     p.add_argument("--train", required=True, nargs="+", help="training data: manifest.jsonl, LibriSpeech, Common "
@@ -43,8 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_out(p, "output folder: model/, control/, finetune.json, loss.png")
     p.add_argument("--control", action="store_true", help="also train the unconverted original identically")
     lowrank = LOWRANK_ENCODER_RECIPE
-    p.add_argument("--scope", choices=SCOPES, help=f"trainable parameters (default {d.scope}; {lowrank['scope']} "
-                   "for a low-rank encoder)")
+    p.add_argument("--scope", choices=SCOPES, default=d.scope, help=f"trainable parameters: the modules the "
+                   f"compression replaced, the whole decoder, or everything (default {d.scope})")
     p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=d.embeddings,
                    help="also train the token and position embeddings of the scope (default: frozen)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help=f"lr schedule (default {d.schedule})")

@@ -1,19 +1,17 @@
 """`FinetuneConfig`: the recovery fine-tuning recipe (frozen, validated, JSON round trip).
 
 The defaults are the documented recipe: `slimwhisper finetune MODEL --train DATA --out DIR` with no
-other option trains the decoder's layers (encoder frozen, its outputs cached; embeddings frozen) at a
-low learning rate to match the original by distillation from its logits, read on the original's own
-greedy transcripts (label-free), for 300 steps of 8 utterances (minutes on a CPU for tiny/base). The
-tied token embedding is most of a small decoder's parameters, and training it let longer runs
-memorise their training sentences; frozen, more steps carry over to unseen speech (docs/recovery.md,
-"Frozen embeddings"). Chosen by experiment
-(tiny.en, 43 real English clips, each against its identically trained control; docs/recovery.md has
-the tables): at 87.5% self-attention KV reduction label-free targets cost +0.14 WER points (ns) where
-cross-entropy on the (lowercase, unpunctuated) references cost +0.43 (ns) and taught the model to drop
-case and punctuation; scope "converted" at lr 3e-4 +1.14 (ns); "decoder" at 3e-4 diverged. At 87.5%
-of self- and cross-attention, distillation alone beat distillation plus cross-entropy on the greedy
-transcripts on every data set and test set tried, so `ce_weight` is 0. A low-rank encoder has its own
-recipe (`LOWRANK_ENCODER_RECIPE`) and is only trained with scope "converted" or "all".
+other option trains the modules the compression replaced (MLA attention, low-rank linears; the encoder
+is otherwise frozen and its outputs cached, the embeddings frozen) to match the original by
+distillation from its logits, read on the original's own greedy transcripts (label-free), for 300
+steps of 8 utterances at lr 1e-4 (minutes on a CPU for tiny/base). Chosen by experiment, read on
+held-out clips as the per-token KL to the original as well as WER (docs/recovery.md has the tables):
+training the whole decoder memorises a few hundred training utterances, and its tied token embedding
+most of all; the replaced modules alone carry over to new speech better at the same steps and time.
+Label-free targets beat cross-entropy on (lowercase, unpunctuated) references, which taught the model
+to drop case and punctuation, and distillation alone beat distillation plus cross-entropy on the
+greedy transcripts on every data and test set tried, so `ce_weight` is 0. A low-rank encoder adds
+encoder distillation and takes fewer steps (`LOWRANK_ENCODER_RECIPE`).
 """
 from __future__ import annotations
 
@@ -29,11 +27,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 ENCODER_LAYERS = ("final", "all")
 
 
-# What the bare command changes when the model's encoder is low-rank: train the converted modules (the
-# low-rank linears, and MLA attention if any) with the encoder's output distilled too, at the learning
-# rate the factor pairs need, for fewer steps, since the trained encoder makes each step several times
-# dearer (see docs/recovery.md). Like the plain recipe it distils alone.
-LOWRANK_ENCODER_RECIPE = {"scope": "converted", "encoder_weight": 1.0, "lr": 1e-4, "steps": 100}
+# What the bare command changes when the model's encoder is low-rank: the encoder's output is distilled
+# too, for fewer steps, since the trained encoder makes each step several times dearer (see
+# docs/recovery.md). Like the plain recipe it trains the converted modules and distils alone.
+LOWRANK_ENCODER_RECIPE = {"encoder_weight": 1.0, "steps": 100}
 
 # What a field missing from a run recorded before it existed meant, where that differs from today's
 # default: every run before `embeddings` existed trained them.
@@ -88,12 +85,12 @@ class FinetuneConfig(Recipe):
         mixed_precision: "no", "bf16" or "fp16" (GPU only; CPU always trains in fp32).
     """
 
-    scope: str = "decoder"
+    scope: str = "converted"
     embeddings: bool = False
     steps: int = 300
     batch_size: int = 8
     micro_batch_size: int = 8
-    lr: float = 3e-5
+    lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     eps: float = 1e-8
