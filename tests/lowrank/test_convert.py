@@ -8,7 +8,7 @@ import slimwhisper as sw
 from conftest import logits
 from slimwhisper.errors import SlimWhisperError
 from slimwhisper.info import describe
-from slimwhisper.lowrank import LowRankConfig, LowRankLinear
+from slimwhisper.lowrank import LowRankConfig, LowRankLinear, WhisperLowRankEncoderLayer
 
 EXACT = LowRankConfig(theta_attn=1.0, theta_mlp=1.0, granule=8, dense_if_no_saving=False)
 
@@ -58,6 +58,7 @@ def test_composes_with_mla(tiny_model, features, encoder_stats, tmp_path, order)
     assert any(isinstance(m, LowRankLinear) for m in both.modules())
     both.save_pretrained(tmp_path / "both")
     again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path / "both")
+    assert all(isinstance(layer, WhisperLowRankEncoderLayer) for layer in again.model.encoder.layers)
     torch.testing.assert_close(logits(again, features), logits(both, features))
     with pytest.raises(SlimWhisperError):
         sw.convert(both, lr_cfg, calibration=encoder_stats)

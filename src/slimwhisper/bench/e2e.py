@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--language", help="keep only this language and decode with it (multilingual models)")
     p.add_argument("--limit", type=int, help="first N utterances")
     p.add_argument("--threads", type=int, help="intra-op threads for every system (default torch's)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS + OPT_IN_SYSTEMS + LONG_FORM_SYSTEMS,
+    p.add_argument("--systems", nargs="+", choices=tuple(dict.fromkeys(SYSTEMS + OPT_IN_SYSTEMS + LONG_FORM_SYSTEMS)),
                    help=f"default: {' '.join(SYSTEMS)}; opt-in: {' '.join(OPT_IN_SYSTEMS)} (torch.compile'd encoder); "
                    f"with --long-form: {' '.join(LONG_FORM_SYSTEMS)}")
     p.add_argument("--long-form", action="store_true",

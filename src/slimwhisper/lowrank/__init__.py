@@ -11,7 +11,7 @@ from .calibrate import (
 from .config import PRESETS, LowRankConfig, parse_theta
 from .convert import calibrate, choose_ranks, convert_lowrank
 from .litewhisper import load_lite_whisper, low_rank_config, save_lite_whisper
-from .modules import LowRankLinear, WhisperLowRankAttention
+from .modules import LowRankLinear, WhisperLowRankAttention, WhisperLowRankEncoderLayer
 
 __all__ = [
     "PRESETS",
@@ -23,6 +23,7 @@ __all__ = [
     "LowRankConfig",
     "LowRankLinear",
     "WhisperLowRankAttention",
+    "WhisperLowRankEncoderLayer",
     "calibrate",
     "choose_ranks",
     "convert_lowrank",

@@ -48,7 +48,7 @@ from .math import (
     pca_factors,
     uniform_budget_ranks,
 )
-from .modules import LowRankLinear, WhisperLowRankAttention
+from .modules import LowRankLinear, WhisperLowRankAttention, WhisperLowRankEncoderLayer
 
 ENCODER_LAYERS = "model.encoder.layers"
 
@@ -286,6 +286,10 @@ def build_geometry(model: nn.Module, spec: dict[str, Any]) -> None:
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, WhisperLowRankAttention.like(getattr(parent, attr), ranks))
+    layers = model.get_encoder().layers
+    for i, layer in enumerate(layers):
+        if isinstance(layer.fc1, LowRankLinear) or isinstance(layer.fc2, LowRankLinear):
+            layers[i] = WhisperLowRankEncoderLayer.adopt(layer)
 
 
 register_geometry("lowrank", build_geometry)

@@ -1,22 +1,26 @@
-"""Modules of the low-rank encoder: `LowRankLinear` and `WhisperLowRankAttention`.
+"""Modules of the low-rank encoder: `LowRankLinear`, `WhisperLowRankAttention`, `WhisperLowRankEncoderLayer`.
 
 `LowRankLinear` is two `nn.Linear`s, `down` [rank, in] without bias and `up` [out, rank] with the
 PCA-corrected bias. `WhisperLowRankAttention` is a `WhisperAttention` whose projections may be
 low-rank; for encoder self-attention without mask, cache or recorded weights it computes scores and
 values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and keeps q, k and v
 at one head dim (so the fused SDPA kernel still applies), and otherwise runs the ordinary HF
-attention path (any attention backend).
+attention path (any attention backend). `WhisperLowRankEncoderLayer` is a `WhisperEncoderLayer` whose
+MLP, when low-rank, runs in row blocks at inference (see its docstring).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.whisper.modeling_whisper import WhisperAttention
+from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperEncoderLayer
 
 from .math import choose_attention_path, keep_fused_kernel, reduced_scores_operands
 
 ATTENTION_PATHS = ("auto", "reduced", "standard")
+# bytes of the MLP's wide activation one row block of `WhisperLowRankEncoderLayer` holds: a few MiB stays in
+# this class of CPU's last-level cache, and well under glibc's 32 MiB mmap ceiling so blocks reuse heap memory
+MLP_BLOCK_BYTES = 4 << 20
 
 
 class LowRankLinear(nn.Module):
@@ -126,3 +130,61 @@ class WhisperLowRankAttention(WhisperAttention):
             out = torch.einsum("bhlk,hdk->bhld", out, b_v) + up.bias.view(1, heads, 1, head_dim)
         out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)
         return self.out_proj(out)
+
+
+class WhisperLowRankEncoderLayer(WhisperEncoderLayer):
+    """An encoder layer with a low-rank fc1 or fc2 whose MLP runs in row blocks at inference.
+
+    The MLP's wide [rows, ffn] activation is written by fc1, read and rewritten by the activation and read
+    by fc2; over a whole 30-s window it is the layer's largest tensor and goes through memory three
+    times. A low-rank pair does few multiplies per byte of it, so that traffic is most of a thin pair's
+    time. In blocks of rows the wide block stays in cache from fc1 to fc2. Rows are independent in an
+    MLP, so blocking changes no arithmetic (float results are bit for bit the same; a dynamic int8
+    linear takes one activation scale per block). With gradients enabled (training) the layer runs the
+    ordinary full-width path. The original's dense layers are left as they are.
+    """
+
+    @classmethod
+    def adopt(cls, layer: WhisperEncoderLayer) -> WhisperLowRankEncoderLayer:
+        """A layer of this class holding `layer`'s submodules (same names, so state dicts are unchanged)."""
+        with torch.device("meta"):
+            new = cls(layer.self_attn.config)
+        for name, child in layer.named_children():
+            setattr(new, name, child)
+        new.train(layer.training)
+        return new
+
+    def block_rows(self, x: torch.Tensor) -> int | None:
+        """Rows per MLP block for x, or None for one full-width pass: gradients on, active dropout, or not a
+        CPU, whose caches are what blocking is for (a GPU runs one wide kernel better than many small ones)."""
+        if torch.is_grad_enabled() or (self.training and self.activation_dropout > 0) or x.device.type != "cpu":
+            return None
+        return max(1, MLP_BLOCK_BYTES // (self.fc1.out_features * x.element_size()))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2(act(fc1(x))) for x [B, L, d]: in row blocks when `block_rows` gives some, else in one pass."""
+        step = self.block_rows(x)
+        if step is None:
+            x = self.activation_fn(self.fc1(x))
+            x = nn.functional.dropout(x, p=self.activation_dropout, training=self.training)
+            return self.fc2(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.cat([self.fc2(self.activation_fn(self.fc1(rows[i:i + step]))) for i in range(0, len(rows), step)])
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """`WhisperEncoderLayer.forward` with the MLP through `mlp`."""
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs
+        )
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.final_layer_norm(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = residual + hidden_states
+        if hidden_states.dtype == torch.float16:
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
