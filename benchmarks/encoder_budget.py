@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--allocations", nargs="+", default=["uniform"], choices=["uniform", "greedy"])
     p.add_argument("--recover", type=float, nargs="*", default=[], help="budgets to fine-tune (uniform allocation)")
     p.add_argument("--calibration", required=True)
+    p.add_argument("--audio-weight", default="0.8", help="compress-encoder --audio-weight (none: every frame alike)")
     p.add_argument("--train", help="training data for --recover")
     p.add_argument("--data", required=True, help="evaluation data (a manifest)")
     p.add_argument("--language", help="evaluate only this language")
@@ -94,7 +95,8 @@ def main() -> None:
             here = work / f"{budget:g}-{allocation}"
             model = str(here / "L")
             made = once(here / "compress.json", "compress-encoder", args.model, "--budget", str(budget), "--allocation",
-                        allocation, "--calibration", args.calibration, "--out", model, "--quiet")
+                        allocation, "--calibration", args.calibration, "--audio-weight", args.audio_weight,
+                        "--out", model, "--quiet")
             flops = made["linear_flops_kept"]
             summary = evaluate(model, args.model, here / "eval", args)
             rows.append(row(f"{allocation}, no fine-tuning", budget, flops, summary,

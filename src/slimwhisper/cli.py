@@ -91,7 +91,7 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     from .loading.processor import save_processor
     from .lowrank import STATS_FILE, LowRankConfig, parse_theta, work_folder_for
 
-    kwargs = {"energy": args.energy, "granule": args.granule}
+    kwargs = {"energy": args.energy, "granule": args.granule, "audio_weight": args.audio_weight}
     if args.targets:
         kwargs["targets"] = _modules(args.targets)
     if args.theta is not None:
@@ -288,8 +288,20 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def _audio_weight(text: str) -> float | None:
+    """`--audio-weight`: a share in (0, 1], or "none"."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a share such as 0.8, or none; got {text!r}") from None
+
+
 def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     """`compress-encoder`: low-rank encoder linears (LiteASR)."""
+    from .lowrank.config import AUDIO_WEIGHT
+
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
     add_model(p)
     p.add_argument("--preset", choices=["a", "b", "c"], help="a: quality (default), b: balanced, c: efficiency")
@@ -303,6 +315,9 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")
+    p.add_argument("--audio-weight", type=_audio_weight, default=AUDIO_WEIGHT, metavar="W",
+                   help=f"share of each padded calibration window's weight that its audio frames carry, the padding "
+                   f"the rest (default {AUDIO_WEIGHT}; none: every frame alike, as LiteASR)")
     p.add_argument("--targets", nargs="+", help="linears of each encoder layer (default: self_attn.q_proj "
                    "self_attn.k_proj self_attn.v_proj self_attn.out_proj fc1 fc2)")
     p.add_argument("--stats", help="reuse saved statistics (encoder_stats.safetensors or a directory holding it)")

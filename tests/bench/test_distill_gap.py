@@ -31,10 +31,29 @@ def test_a_teacher_is_at_zero_distance_from_itself_and_a_changed_decoder_is_not(
     for i, item in enumerate(items):
         torch.manual_seed(i)
         cache.put(item.audio_hash, torch.randn(teacher.config.max_source_positions, teacher.config.d_model))
-    same = distill_gap.gap(teacher, teacher, items, cache, pad_id=0)
+    same = distill_gap.gap(teacher, teacher, items, cache, cache, [100] * 3, pad_id=0)
     assert same["kl_per_token"] < 1e-9 and same["top1_agreement"] == 1.0 and same["tokens"] == 9
+    assert same["encoder_error"] == same["encoder_error_audio"] == same["encoder_error_padding"] == 0.0
     student = tiny_whisper().eval()
     with torch.no_grad():
         student.model.decoder.layers[0].fc1.weight.mul_(3.0)
-    changed = distill_gap.gap(student, teacher, items, cache, pad_id=0)
+    changed = distill_gap.gap(student, teacher, items, cache, cache, [100] * 3, pad_id=0)
     assert changed["kl_per_token"] > 1e-3
+
+
+def test_an_encoder_student_reads_its_own_states_and_the_gap_splits_audio_from_padding(tmp_path):
+    teacher = tiny_whisper().eval()
+    cache, own = EncoderCache(tmp_path, "teacher"), EncoderCache(tmp_path, "student")
+    items = [TrainItem(Sample(f"u{i}", Path("x.flac"), ""), f"{i:032x}", (1, 5, 6, 7), (-100, 6, 7, 2))
+             for i in range(2)]
+    for i, item in enumerate(items):
+        torch.manual_seed(i)
+        states = torch.randn(teacher.config.max_source_positions, teacher.config.d_model)
+        cache.put(item.audio_hash, states)
+        changed = states.clone()
+        changed[100:] *= 2.0  # the student differs on the padding only: an error of 1 there, 0 on the audio
+        own.put(item.audio_hash, changed)
+    figures = distill_gap.gap(teacher, teacher, items, cache, own, [100, 100], pad_id=0)
+    assert figures["encoder_error_audio"] == 0.0
+    assert abs(figures["encoder_error_padding"] - 1.0) < 1e-3
+    assert 0.5 < figures["encoder_error"] < 1.0 and figures["kl_per_token"] > 1e-6

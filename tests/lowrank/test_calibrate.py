@@ -29,3 +29,61 @@ def test_stats_streamed_deterministic_and_reusable(tiny_model, encoder_stats, tm
 
     with pytest.raises(SlimWhisperError, match="another encoder"):
         sw.convert(tiny_whisper(seed=5), cfg, calibration=loaded)
+
+
+def test_frame_weights_give_the_audio_its_share_of_every_padded_window():
+    from slimwhisper.lowrank.calibrate import frame_weights
+
+    w = frame_weights([100, 1500, 1], 0.8, frames=1500)
+    assert w.shape == (3, 1500) and torch.all(w[0, :100] == 1) and torch.all(w[1] == 1) and w[2, 0] == 1
+    for row, n in ((w[0], 100), (w[2], 1)):
+        assert float(row[:n].sum() / row.sum()) == pytest.approx(0.8)
+        assert torch.all(row[n:] == row[n])  # the padding shares its part evenly
+    assert torch.all(frame_weights([7], 1.0, frames=20)[0, 7:] == 0)  # audio only
+    assert frame_weights([7], None) is None
+
+
+def test_weighted_sums_equal_the_sums_of_weighted_rows():
+    from slimwhisper.lowrank.calibrate import LinearStats
+
+    y = torch.randn(2, 5, 3)
+    w = torch.tensor([[1.0, 2.0, 0.0, 0.5, 1.0], [3.0, 1.0, 1.0, 0.0, 0.25]])
+    s = LinearStats.zeros(3)
+    s.add(y, w)
+    rows, weights = y.reshape(-1, 3).double(), w.reshape(-1).double()
+    torch.testing.assert_close(s.total, (weights[:, None] * rows).sum(0))
+    torch.testing.assert_close(s.gram, rows.T @ (weights[:, None] * rows))
+    assert s.rows == pytest.approx(float(weights.sum()))
+    repeated = LinearStats.zeros(3)  # a whole weight is the same row counted that many times
+    repeated.add(torch.cat([y[0, :1], y[0, 1:2], y[0, 1:2]]))
+    partial = LinearStats.zeros(3)
+    partial.add(y[:1, :2], w[:1, :2])
+    torch.testing.assert_close(partial.gram, repeated.gram)
+    assert partial.rows == repeated.rows == 3
+
+
+def test_each_window_is_weighted_by_its_own_audio():
+    import numpy as np
+
+    from slimwhisper.lowrank.calibrate import audio_frames, weighted_batches
+
+    sr = 16_000
+    clips = [np.zeros(2 * sr, np.float32), np.zeros(40 * sr, np.float32), np.zeros(sr // 2, np.float32)]
+    batches = list(weighted_batches(clips, 80, 2, 0.8))  # windows of 2 s, 30 s, 10 s, 0.5 s
+    assert [f.shape[0] for f, _ in batches] == [2, 2]
+    # the frames weighing 1 are each window's audio
+    assert [int((w == 1).sum()) for _, weights in batches for w in weights] == [
+        audio_frames(2 * sr), 1500, audio_frames(10 * sr), audio_frames(sr // 2)]
+    assert audio_frames(10 * sr) == 500 + 25 and audio_frames(40 * sr) == 1500
+    assert all(weights is None for _, weights in weighted_batches(clips[:1], 80, 2, None))
+
+
+def test_statistics_weighted_otherwise_are_refused(tiny_model):
+    stats = calibrate(tiny_model, calib_audio(), LowRankConfig(audio_weight=None), progress=False)
+    assert stats.extra["audio_weight"] == "None"
+    with pytest.raises(SlimWhisperError, match="--audio-weight None"):
+        sw.convert(tiny_model, LowRankConfig(granule=8), calibration=stats)
+    sw.convert(tiny_model, LowRankConfig(granule=8, audio_weight=None), calibration=stats)
+    weighted = calibrate(tiny_model, calib_audio(), LowRankConfig(), progress=False)
+    for name, s in stats.layers.items():  # the calibration clips are short: the weighting moves the statistics
+        assert not torch.allclose(weighted.layers[name].covariance(), s.covariance()), name

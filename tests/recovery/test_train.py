@@ -1,6 +1,7 @@
 """recovery/train.py: batch order, trainable scope, the encoder cache switch, resume, real tiny.en."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -203,3 +204,41 @@ def test_a_control_trained_on_distillation_alone_stays_the_original(english, tmp
     assert train(config.min_loss, 1.0, "control") == (True, ["1"] * 3)
     assert train(0.0, 1.0, "no-rule") == (False, ["0"] * 3)  # the walk the rule prevents
     assert train(config.min_loss, 3.0, "model") == (False, ["0"] * 3)
+
+
+def test_augmented_audio_is_distilled_from_a_live_teacher(english, tmp_path):
+    """With `augment`, the teacher runs on each step's own audio: with no clip altered that equals the cached
+    targets; with every clip altered the loss moves, the run is reproducible, and a control (a student equal to
+    its teacher) still has nothing to learn on altered audio, so it stays the original."""
+    from conftest import calib_audio
+    from slimwhisper.lowrank import LowRankConfig
+
+    original, processor = english
+    manifest = write_clips(tmp_path / "d", n=4)
+    config = {**FAST, "steps": 2, "scope": "converted", "encoder_weight": 1.0, "ce_weight": 0.0}
+
+    def losses(augment: float, name: str, student=None) -> list[dict]:
+        if student is None:
+            student = sw.convert(original, LowRankConfig(rank=8, granule=8), calibration=calib_audio(),
+                                 progress=False)
+            with torch.no_grad():  # far enough from the original for both terms to be well above rounding
+                for n, p in student.named_parameters():
+                    if n.endswith("up.weight"):
+                        p.mul_(3.0)
+        finetune(student, manifest, FinetuneConfig(**config, augment=augment), processor=processor,
+                 teacher=original, work_dir=tmp_path / name, cache_dir=tmp_path / "c", progress=False)
+        with (tmp_path / name / "loss.csv").open() as f:
+            return [{k: float(r[k]) for k in ("kd", "enc", "skipped")} for r in csv.DictReader(f)]
+
+    cached, live = losses(0.0, "cached"), losses(1e-12, "live")
+    assert min(r["kd"] for r in cached) > 1e-7 and min(r["enc"] for r in cached) > 1e-3  # a random model's
+    # logits are nearly flat, so its KL is small, yet far above the ~1e-12 that rounding leaves
+    for a, b in zip(cached, live, strict=True):  # the cache holds the teacher's encoder states in float16
+        assert b["kd"] == pytest.approx(a["kd"], rel=5e-2) and b["enc"] == pytest.approx(a["enc"], rel=1e-2)
+    altered = losses(1.0, "altered")
+    assert altered != live and altered == losses(1.0, "again")
+    control = copy.deepcopy(original)
+    start = [p.detach().clone() for p in control.parameters()]
+    config["scope"] = "all"  # the original has no converted modules: everything trains instead
+    assert [r["skipped"] for r in losses(1.0, "control", control)] == [1.0, 1.0]
+    assert all(torch.equal(a, b) for a, b in zip(control.parameters(), start))

@@ -47,13 +47,13 @@ def measure_one(geometry: str, layers: int, seconds: float, budget_bytes: int) -
     """Build the model, then calibrate it with the peak-RSS mark reset: this process's figures as a dict."""
     from ..geometry import random_whisper
     from ..lowrank.calibrate import CalibrationWork, layer_groups, measure_stats, stats_bytes
-    from ..lowrank.config import TARGETS
+    from ..lowrank.config import AUDIO_WEIGHT, TARGETS
     from ..lowrank.convert import find_linears, work_settings
 
     model = random_whisper(geometry, layers)[0]
     targets = find_linears(model, TARGETS)
     items = [synthetic_audio(seconds)]
-    settings = work_settings(model, targets, items, batch_size=1)
+    settings = work_settings(model, targets, items, batch_size=1, audio_weight=AUDIO_WEIGHT)
     groups = layer_groups(targets, budget_bytes)
     per_layer = sum(stats_bytes(m.out_features) for n, m in targets.items() if n.split(".")[3] == "0")
     gc.collect()
@@ -62,7 +62,7 @@ def measure_one(geometry: str, layers: int, seconds: float, budget_bytes: int) -
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slimwhisper-bench-") as folder:
         stats = measure_stats(model, items, targets, CalibrationWork(folder, settings), batch_size=1,
-                              budget_bytes=budget_bytes, progress=False)
+                              budget_bytes=budget_bytes, progress=False, audio_weight=AUDIO_WEIGHT)
         windows = stats.windows
     return {
         "layers": layers,

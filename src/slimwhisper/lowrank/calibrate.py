@@ -2,8 +2,11 @@
 
 LiteASR semantics: every layer is calibrated on the unmodified encoder (not re-calibrated after earlier
 layers are compressed). Forward hooks on q/k/v/out_proj, fc1 (its output, i.e. before GELU) and fc2 add
-every output row y (all 1500 frames of every 30-s window, padding included) to float64 running sums:
-sum y [d_out] and sum y y^T [d_out, d_out].
+every output row y (all 1500 frames of every 30-s window) to float64 running sums, each row weighted:
+sum w [weight], sum w y [d_out] and sum w y y^T [d_out, d_out]. Whisper pads every window to 30 s, so in
+short clips most rows are padding; `frame_weights` gives the frames that hold audio a fixed share of
+each window's weight (`LowRankConfig.audio_weight`), so the principal directions follow the speech
+rather than the silence after it.
 
 Memory is bounded twice over. Audio is decoded one recording at a time and rows are added in chunks, so
 nothing grows with the amount of audio. Layers are calibrated in groups whose statistics fit a byte
@@ -20,7 +23,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,34 +45,65 @@ MANIFEST = "manifest.json"
 STATS_BUDGET_BYTES = 2 * 2**30
 # Rows converted to float64 at a time: bounds the temporary copy whatever the batch size.
 ROW_CHUNK = 4096
+# One encoder frame per 320 samples (a 160-sample mel hop, then a stride-2 convolution).
+SAMPLES_PER_FRAME = 320
+# Frames right after a window's audio count as audio: the convolutions and attention spread speech there.
+AUDIO_MARGIN_FRAMES = 25
 
 
 @dataclass
 class LinearStats:
-    """Running float64 sums of one linear's outputs."""
+    """Running float64 sums of one linear's outputs; `rows` is the sum of the row weights."""
 
-    total: torch.Tensor  # [d_out] sum of y
-    gram: torch.Tensor  # [d_out, d_out] sum of y y^T
-    rows: int = 0
+    total: torch.Tensor  # [d_out] sum of w y
+    gram: torch.Tensor  # [d_out, d_out] sum of w y y^T
+    rows: float = 0.0
 
     @classmethod
     def zeros(cls, d_out: int) -> LinearStats:
         return cls(torch.zeros(d_out, dtype=torch.float64), torch.zeros(d_out, d_out, dtype=torch.float64))
 
-    def add(self, y: torch.Tensor) -> None:
+    def add(self, y: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add the rows of y [..., d_out], each with its weight (`weights` shaped like y without its last dim)."""
         y = y.reshape(-1, y.shape[-1])
+        w = None if weights is None else weights.reshape(-1).to(torch.float64)
         for start in range(0, y.shape[0], ROW_CHUNK):
-            chunk = y[start:start + ROW_CHUNK].double()
-            self.total += chunk.sum(0)
+            chunk = y[start:start + ROW_CHUNK].to(torch.float64, copy=True)  # scaled in place below
+            if w is None:
+                self.total += chunk.sum(0)
+            else:  # Σ w y, then Σ (√w y)(√w y)ᵀ = Σ w y yᵀ without a second copy of the chunk
+                part = w[start:start + ROW_CHUNK]
+                self.total += part @ chunk
+                chunk.mul_(part.sqrt()[:, None])
             self.gram.addmm_(chunk.T, chunk)
-        self.rows += y.shape[0]
+        self.rows += float(y.shape[0] if w is None else w.sum())
 
     def mean(self) -> torch.Tensor:
-        return self.total / max(self.rows, 1)
+        return self.total / max(self.rows, 1e-30)
 
     def covariance(self) -> torch.Tensor:
         mu = self.mean()
-        return self.gram / max(self.rows, 1) - torch.outer(mu, mu)
+        return self.gram / max(self.rows, 1e-30) - torch.outer(mu, mu)
+
+
+def audio_frames(samples: int, frames: int = 1500) -> int:
+    """Encoder frames of a window that hold its audio (plus `AUDIO_MARGIN_FRAMES`), at most `frames`."""
+    return min(frames, math.ceil(samples / SAMPLES_PER_FRAME) + AUDIO_MARGIN_FRAMES)
+
+
+def frame_weights(audio: Sequence[int], audio_weight: float | None, frames: int = 1500) -> torch.Tensor | None:
+    """Row weights [B, frames] for windows whose first `audio[b]` frames hold audio: those weigh 1 each, and the
+    padding after them shares (1 − audio_weight)/audio_weight of their total, so in every padded window the
+    audio carries `audio_weight` of the weight. A window's weight thus grows with its audio, not its padding.
+    None: every frame weighs 1 (the padding of a short clip then outweighs its speech)."""
+    if audio_weight is None:
+        return None
+    weights = torch.zeros(len(audio), frames, dtype=torch.float64)
+    for b, n in enumerate(audio):
+        weights[b, :n] = 1.0
+        if n < frames:
+            weights[b, n:] = n * (1.0 - audio_weight) / audio_weight / (frames - n)
+    return weights
 
 
 def stats_bytes(d_out: int) -> int:
@@ -85,7 +119,7 @@ class FileLayers(Mapping):
 
     def __getitem__(self, name: str) -> LinearStats:
         with safe_open(str(self.files[name]), "pt") as f:
-            rows = int(f.get_tensor(f"{name}.rows")[0])
+            rows = float(f.get_tensor(f"{name}.rows")[0])  # int64 in files written before weights
             return LinearStats(f.get_tensor(f"{name}.total"), f.get_tensor(f"{name}.gram"), rows)
 
     def __iter__(self) -> Iterator[str]:
@@ -143,7 +177,7 @@ class EncoderStats:
         for name in names:
             d = self.width(name)
             for suffix, dtype, shape, size in ((".total", "F64", [d], 8 * d), (".gram", "F64", [d, d], 8 * d * d),
-                                               (".rows", "I64", [1], 8)):
+                                               (".rows", "F64", [1], 8)):
                 entries[name + suffix] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
                 offset += size
         header = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode()
@@ -153,7 +187,7 @@ class EncoderStats:
             f.write(struct.pack("<Q", len(header)) + header)
             for name in names:
                 s = self.layers[name]
-                for tensor in (s.total, s.gram, torch.tensor([s.rows], dtype=torch.int64)):
+                for tensor in (s.total, s.gram, torch.tensor([s.rows], dtype=torch.float64)):
                     f.write(memoryview(tensor.contiguous().numpy()).cast("B"))
         os.replace(tmp, path)
         return path
@@ -220,14 +254,15 @@ class _GroupDone(Exception):
 @torch.no_grad()
 def collect_linear_stats(
     model: nn.Module,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]],
     targets: Mapping[str, nn.Module],
     total_batches: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     fingerprint: str | None = None,
 ) -> EncoderStats:
-    """Run the encoder over log-mel batches [B, n_mels, 3000] and sum each target's outputs.
+    """Run the encoder over log-mel batches [B, n_mels, 3000] and sum each target's outputs; a batch given as
+    (features, weights) weights its rows as `weights` [B, frames] says (`frame_weights`), else each by 1.
 
     `stop_after`: the encoder layer after which each forward pass stops (the group's last layer);
     `fingerprint`: the encoder's, when the caller has it already (hashing a big encoder takes a while).
@@ -235,10 +270,12 @@ def collect_linear_stats(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     stats = {name: LinearStats.zeros(module.out_features) for name, module in targets.items()}
+    current: dict[str, torch.Tensor | None] = {"weights": None}
 
     def hook_for(name: str):
         def hook(_module, _args, output):
-            stats[name].add(output.detach().cpu() if output.device.type != "cpu" else output.detach())
+            rows = output.detach().cpu() if output.device.type != "cpu" else output.detach()
+            stats[name].add(rows, current["weights"])
 
         return hook
 
@@ -253,8 +290,9 @@ def collect_linear_stats(
     model.eval()
     windows = 0
     try:
-        for features in tqdm(batches, desc="calibrating encoder", unit="batch", total=total_batches,
-                             disable=not progress):
+        for batch in tqdm(batches, desc="calibrating encoder", unit="batch", total=total_batches,
+                          disable=not progress):
+            features, current["weights"] = batch if isinstance(batch, tuple) else (batch, None)
             try:
                 encoder(features.to(device=device, dtype=dtype))
             except _GroupDone:
@@ -343,7 +381,7 @@ class CalibrationWork:
         for name, s in stats.layers.items():
             if layer_index(name) == layer:
                 tensors.update({f"{name}.total": s.total, f"{name}.gram": s.gram,
-                                f"{name}.rows": torch.tensor([s.rows], dtype=torch.int64)})
+                                f"{name}.rows": torch.tensor([s.rows], dtype=torch.float64)})
         meta = {"format": STATS_FORMAT, "windows": str(stats.windows), "fingerprint": stats.fingerprint}
         _write_atomic(self.path(layer), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -374,13 +412,13 @@ def measure_stats(
     batch_size: int = 4,
     budget_bytes: int = STATS_BUDGET_BYTES,
     progress: bool = True,
+    audio_weight: float | None = None,
 ) -> EncoderStats:
     """Statistics of `targets` over the recordings `items`, group by group into `work`; resumes finished layers.
+    `audio_weight`: the share of each padded window's weight its audio frames carry (`frame_weights`).
 
     Returns an `EncoderStats` that reads each linear from the work folder when asked.
     """
-    from ..calibration import feature_batches
-
     if budget_bytes <= 0:
         raise SlimWhisperError(f"the statistics budget must be positive, e.g. --stats-budget-gib 2 ({budget_bytes} B)")
     work.open()
@@ -389,7 +427,7 @@ def measure_stats(
     fingerprint = work.settings["fingerprint"]
     for group in layer_groups(todo, budget_bytes):
         chosen = {n: m for n, m in todo.items() if layer_index(n) in group}
-        batches = feature_batches(stream_windows(items), model.config.num_mel_bins, batch_size)
+        batches = weighted_batches(items, model.config.num_mel_bins, batch_size, audio_weight)
         stats = collect_linear_stats(model, batches, chosen, progress=progress, stop_after=group[-1],
                                      fingerprint=fingerprint)
         if stats.windows == 0:
@@ -399,6 +437,23 @@ def measure_stats(
         del stats
     files = {n: work.path(layer_index(n)) for n in targets}
     return EncoderStats(FileLayers(files), work.windows(layers), fingerprint)
+
+
+def weighted_batches(items: list, num_mel_bins: int, batch_size: int,
+                     audio_weight: float | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(log-mel features, row weights) of each batch of consecutive windows of the recordings `items`."""
+    from ..calibration import feature_batches
+
+    lengths: list[int] = []
+
+    def windows() -> Iterator[np.ndarray]:
+        for window in stream_windows(items):
+            lengths.append(audio_frames(len(window)))
+            yield window
+
+    for features in feature_batches(windows(), num_mel_bins, batch_size):
+        audio, lengths[:] = lengths[: features.shape[0]], lengths[features.shape[0]:]
+        yield features, frame_weights(audio, audio_weight, features.shape[-1] // 2)
 
 
 def work_folder_for(out: str | Path) -> Path:

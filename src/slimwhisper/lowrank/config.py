@@ -20,6 +20,9 @@ ATTENTION_TARGETS = TARGETS[:4]
 ENERGIES = ("linear", "squared")
 ALLOCATIONS = ("uniform", "greedy")
 
+# The audio frames' share of each padded calibration window's weight (`LowRankConfig.audio_weight`).
+AUDIO_WEIGHT = 0.8
+
 # Presets per energy mode: (theta_attn, theta_mlp). "a" = quality, "b" = balanced, "c" = efficiency.
 # Squared energy: the LiteASR paper/code values (0.999 everywhere; the code default 0.99:0.999; a lower
 # MLP threshold). Linear (unsquared singular value) energy keeps more components at the same theta, so
@@ -55,6 +58,10 @@ class LowRankConfig(Recipe):
             "linear" (sum of singular values; better only at "b" on tiny.en, where squared collapsed).
         granule: ranks are multiples of this (16; 8 suits tiny models).
         targets: which linears of every encoder layer to consider (names relative to the layer).
+        audio_weight: in every calibration window padded to 30 s, the share of the statistics' weight that the
+            frames holding audio carry (the padding after them carries the rest), so PCA follows the speech
+            rather than the silence that fills most of a short clip's window; None weighs every frame alike
+            (LiteASR). 0.8 by default: docs/lowrank.md says how it was chosen.
         dense_if_no_saving: keep a layer dense when the factorisation is not smaller (always on in
             practice; off only to test exactness of full-rank factorisations).
         version: format version of this recipe.
@@ -69,6 +76,7 @@ class LowRankConfig(Recipe):
     energy: str = "squared"
     granule: int = 16
     targets: tuple[str, ...] = TARGETS
+    audio_weight: float | None = AUDIO_WEIGHT
     dense_if_no_saving: bool = True
     version: int = field(default=LOWRANK_FORMAT_VERSION)
     recipe_name = "low-rank recipe"
@@ -115,6 +123,9 @@ class LowRankConfig(Recipe):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise SlimWhisperError(f"{name} must be in (0, 1], e.g. 0.99, got {value}")
+        if self.audio_weight is not None and not 0.0 < self.audio_weight <= 1.0:
+            raise SlimWhisperError(f"audio_weight is the audio frames' share of a window's weight, in (0, 1], e.g. "
+                                   f"0.8; got {self.audio_weight}")
         if self.rank is not None and self.rank <= 0:
             raise SlimWhisperError(f"rank must be positive, got {self.rank}")
         if self.budget is not None:
@@ -131,6 +142,7 @@ class LowRankConfig(Recipe):
 
     @classmethod
     def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        data = {"audio_weight": None, **data}  # recorded before the field existed: every frame weighed 1
         if data.get("preset") is not None:  # thetas are derived from the preset
             data = {k: v for k, v in data.items() if k not in ("theta_attn", "theta_mlp")}
         return data

@@ -72,10 +72,12 @@ def find_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Lin
     return found
 
 
-def work_settings(model: nn.Module, targets: dict[str, nn.Linear], items: list, batch_size: int) -> dict[str, Any]:
+def work_settings(model: nn.Module, targets: dict[str, nn.Linear], items: list, batch_size: int,
+                  audio_weight: float | None = None) -> dict[str, Any]:
     """What a calibration work folder's statistics depend on: a folder made otherwise is not reused."""
     return {"fingerprint": encoder_fingerprint(model), "audio": audio_key(items), "recordings": len(items),
-            "batch_size": batch_size, "targets": sorted(targets), "num_mel_bins": model.config.num_mel_bins}
+            "batch_size": batch_size, "targets": sorted(targets), "num_mel_bins": model.config.num_mel_bins,
+            "audio_weight": audio_weight}
 
 
 @contextmanager
@@ -84,12 +86,13 @@ def _measured(model: nn.Module, source: CalibrationSource, config: LowRankConfig
     """Statistics measured into `work_dir` (resumable), or into a temporary folder removed afterwards."""
     targets = find_linears(model, config.targets)
     items = audio_items(source, limit)
-    settings = work_settings(model, targets, items, batch_size)
+    settings = work_settings(model, targets, items, batch_size, config.audio_weight)
     holder = nullcontext(work_dir) if work_dir is not None else tempfile.TemporaryDirectory(prefix="slimwhisper-")
     with holder as folder:
         work = CalibrationWork(folder, settings)
         stats = measure_stats(model, items, targets, work, batch_size=batch_size, budget_bytes=budget_bytes,
-                              progress=progress)
+                              progress=progress, audio_weight=config.audio_weight)
+        stats.extra["audio_weight"] = str(config.audio_weight)
         stats.extra["source"] = "bundled" if source is None else str(source)[:200]
         stats.extra["recordings_limit"] = str(limit)
         yield stats
@@ -160,6 +163,10 @@ def choose_ranks(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -
 def _check_stats(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -> EncoderStats:
     if stats.fingerprint and stats.fingerprint != encoder_fingerprint(model):
         raise SlimWhisperError("these calibration statistics were measured on another encoder; re-run calibration")
+    weighted = stats.extra.get("audio_weight", "None")  # files from before the weighting weighed every frame 1
+    if weighted != str(config.audio_weight):
+        raise SlimWhisperError(f"these statistics give audio frames a weight of {weighted}, the recipe asks for "
+                               f"{config.audio_weight}; pass --audio-weight {weighted} or calibrate again")
     missing = sorted(set(find_linears(model, config.targets)) - set(stats.layers))
     if missing:
         raise SlimWhisperError(f"calibration statistics do not cover {missing[:3]}; re-run calibration")

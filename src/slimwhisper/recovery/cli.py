@@ -21,8 +21,8 @@ from .config import ENCODER_LAYERS, LOWRANK_ENCODER_RECIPE, MIXED_PRECISION, SCH
 _OPTIONS = {
     "steps": int, "batch_size": int, "micro_batch_size": int, "lr": float, "weight_decay": float,
     "warmup_steps": int, "min_lr_ratio": float, "decay_fraction": float, "clip_norm": float,
-    "min_loss": float,
-    "ce_weight": float, "kd_weight": float, "encoder_weight": float, "temperature": float, "seed": int,
+    "min_loss": float, "ce_weight": float, "kd_weight": float, "encoder_weight": float, "augment": float,
+    "temperature": float, "seed": int,
     "checkpoint_every": int,
 }  # fmt: skip
 

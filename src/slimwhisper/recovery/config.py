@@ -74,9 +74,14 @@ class FinetuneConfig(Recipe):
         encoder_layers: which encoder states that distillation matches: "final" (the encoder's output) or
             "all" (every layer's output, each over its own energy, averaged over layers: every layer gets
             its own target instead of only the gradient that flows back from the last one).
+        augment: share of each step's clips played through a random recording channel (level, band limit,
+            room, noise floor; `recovery/augment.py`), drawn afresh at every step. Teacher and student hear
+            the same altered clip, so the teacher runs during training (without gradients) and the student's
+            encoder runs every step; 0 (the plain recipe) trains on the audio as given.
         temperature: distillation temperature (the KL term is scaled by T^2).
         kd_top_k: the teacher's k most likely tokens per position are distilled (plus one bucket for the
-            rest); computed once per clip and cached, so the teacher never runs during training.
+            rest); computed once per clip and cached, so the teacher never runs during training (with
+            `augment`, on each step's altered clips instead).
         label_free: use the teacher's greedy transcripts as targets (default) instead of the references.
         language: language of samples whose source names none (multilingual models only).
         seed: data order and initialisation of everything random.
@@ -104,6 +109,7 @@ class FinetuneConfig(Recipe):
     kd_weight: float = 1.0
     encoder_weight: float = 0.0
     encoder_layers: str = "final"
+    augment: float = 0.0
     temperature: float = 1.0
     kd_top_k: int = 64
     label_free: bool = True
@@ -142,6 +148,7 @@ class FinetuneConfig(Recipe):
             (self.encoder_weight >= 0, f"encoder_weight must not be negative, got {self.encoder_weight}"),
             (self.encoder_layers in ENCODER_LAYERS,
              f"encoder_layers must be one of {', '.join(ENCODER_LAYERS)}, got {self.encoder_layers!r}"),
+            (0 <= self.augment <= 1, f"augment is a share of the clips, in [0, 1]; got {self.augment}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (self.kd_top_k >= 1, f"kd_top_k must be at least 1, got {self.kd_top_k}"),
             (not (self.label_free and self.kd_weight == 0 and self.ce_weight == 0), "nothing to train on"),

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..data import load_sample_audio
 from ..data.records import SkipReport
 from ..errors import SlimWhisperError
+from .augment import channel_rng, play_through_channel
 from .config import FinetuneConfig
 from .data import (
     EncoderCache,
@@ -268,10 +269,13 @@ class _Sources:
     teacher: dict[str, TopK] | None  # item key -> the teacher's top-k log-probs
     feature_extractor: Any
     teacher_states: EncoderCache | None = None  # the teacher's encoder outputs, for encoder distillation
+    live_teacher: nn.Module | None = None  # with `augment`, the teacher runs on each step's altered clips instead
 
 
 def _prepare_sources(model, teacher, processor, items, config, cache_dir, accelerator, pad_id, progress) -> _Sources:
     """Fill the encoder caches and the teacher's targets (main process first; the others then read them)."""
+    if config.augment > 0:  # every step's audio is new: nothing to cache, the teacher runs alongside
+        return _Sources(None, None, processor.feature_extractor, live_teacher=teacher)
     student_net = accelerator.unwrap_model(model)  # DDP wraps the model in multi-process runs
     encoder_trained = any(p.requires_grad for p in student_net.get_encoder().parameters())
     student_cache = teacher_cache = layers_cache = None
@@ -304,33 +308,60 @@ def _prepare_sources(model, teacher, processor, items, config, cache_dir, accele
 
 
 def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: FinetuneConfig, accelerator,
-                pad_id: int, tokens: int) -> tuple[torch.Tensor, ...]:
+                pad_id: int, tokens: int, draws: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
     """(loss, ce, kd, enc) of one micro-batch as its share of the step's: token sums over the step's `tokens`,
-    encoder distillation summed over utterances and divided by the step's `batch_size`."""
+    encoder distillation summed over utterances and divided by the step's `batch_size`. `draws`: (step, item
+    index) of each utterance, which seeds its recording channel when `config.augment` is on."""
     device = accelerator.device
     inputs, labels = collate(batch, pad_id)
     inputs, labels = inputs.to(device), labels.to(device)
+    layers = config.encoder_weight > 0 and config.encoder_layers == "all"
+    topk = target = None
     if sources.student is not None:
         hidden = load_encoder_outputs(sources.student, batch).to(device, torch.float32)
         student_kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
     else:
-        audios = [load_sample_audio(it.sample, on_long="error") for it in batch]
+        audios = [_channel(load_sample_audio(it.sample, on_long="error"), config, draw)
+                  for it, draw in zip(batch, draws)]
         student_kwargs = {"input_features": log_mel(sources.feature_extractor, audios, device, torch.float32)}
-    topk = None
-    if sources.teacher is not None:
+    if sources.live_teacher is not None:
+        topk, target = _live_targets(sources.live_teacher, student_kwargs["input_features"], inputs, config, layers)
+    elif sources.teacher is not None:
         idx, logp = collate_topk(batch, sources.teacher)
         topk = (idx.to(device), logp.to(device))
-    layers = sources.teacher_states is not None and config.encoder_layers == "all"
     with accelerator.autocast():
         out = model(decoder_input_ids=inputs, output_hidden_states=layers, **student_kwargs)
     loss, ce, kd = combined_loss(out.logits, labels, topk, ce_weight=config.ce_weight, kd_weight=config.kd_weight,
                                  temperature=config.temperature, tokens=tokens)
-    if sources.teacher_states is None:
+    if config.encoder_weight == 0 or (target is None and sources.teacher_states is None):
         return loss, ce, kd, kd.detach() * 0.0
-    target = load_encoder_outputs(sources.teacher_states, batch).to(device, torch.float32)
+    if target is None:
+        target = load_encoder_outputs(sources.teacher_states, batch).to(device, torch.float32)
     student = layer_states(out.encoder_hidden_states) if layers else out.encoder_last_hidden_state
     enc = encoder_distillation(student, target) / config.batch_size
     return loss + config.encoder_weight * enc, ce, kd, enc
+
+
+def _channel(audio: np.ndarray, config: FinetuneConfig, draw: tuple[int, int]) -> np.ndarray:
+    """The clip as this step plays it: through a random recording channel for a share `augment` of the draws."""
+    if config.augment == 0:
+        return audio
+    rng = channel_rng(config.seed, *draw)
+    return play_through_channel(audio, rng) if rng.random() < config.augment else audio
+
+
+@torch.no_grad()
+def _live_targets(teacher: nn.Module, features: torch.Tensor, inputs: torch.Tensor, config: FinetuneConfig,
+                  layers: bool) -> tuple[TopK | None, torch.Tensor | None]:
+    """The teacher's top-k softened log-probs and encoder states on this micro-batch's own (altered) audio:
+    what `teacher_topk` and the encoder cache give for audio that is fixed."""
+    out = teacher(input_features=features, decoder_input_ids=inputs, output_hidden_states=layers)
+    topk = None
+    if config.kd_weight > 0:
+        values, idx = torch.log_softmax(out.logits.float() / config.temperature, dim=-1).topk(config.kd_top_k, dim=-1)
+        topk = (idx, values)
+    states = layer_states(out.encoder_hidden_states) if layers else out.encoder_last_hidden_state
+    return topk, states.float()
 
 
 def labelled_tokens(items: Sequence[TrainItem]) -> int:
@@ -356,7 +387,8 @@ def _train_step(model, optimizer, params, items: Sequence[TrainItem], step: int,
     whole = world == 1 and len(micro) == 1  # this forward is the whole step: its loss is known before backward
     for i, idx in enumerate(micro):
         with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():  # sync on the last only
-            parts = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens)
+            parts = _micro_step(model, [items[j] for j in idx], sources, config, accelerator, pad_id, tokens,
+                                [(step, j) for j in idx])
             if not (whole and skips(float(parts[0].detach()), config.min_loss)):  # a skipped step needs no gradient
                 accelerator.backward(parts[0] * world)  # DDP averages over processes; the step's loss is their sum
         totals += torch.stack([p.detach() for p in parts])
