@@ -1,7 +1,7 @@
 """Low-rank encoder by FLOP budget: WER and encoder speed before and after recovery, each against its baseline.
 
 For one model and each budget (the share of the encoder's linear FLOPs kept), `compress-encoder --budget`
-converts it (the default allocation, or every one of --allocations), `eval` scores it against the original,
+converts it (the default allocation, `roles`, or every one of --allocations), `eval` scores it against the original,
 and `bench encoder` times it against the original at batch 1 and 8, in float32 and with the engine's int8
 linears. A budget given in --recover is then fine-tuned with the bare `finetune --control` (the low-rank
 recipe: encoder distillation) and the recovered model is scored and timed against its control.
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from slimwhisper.bench.common import run_metadata, write_result
+from slimwhisper.lowrank.config import ALLOCATIONS
 
 BATCHES = (1, 8)
 PRECISIONS = ("fp32", "int8")
@@ -75,8 +76,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.4])
-    p.add_argument("--allocations", nargs="+", default=["uniform"], choices=["uniform", "greedy"])
-    p.add_argument("--recover", type=float, nargs="*", default=[], help="budgets to fine-tune (uniform allocation)")
+    p.add_argument("--allocations", nargs="+", default=[ALLOCATIONS[0]], choices=ALLOCATIONS,
+                   help="compress-encoder --allocation values (default: its default)")
+    p.add_argument("--recover", type=float, nargs="*", default=[],
+                   help="budgets to fine-tune (the first of --allocations)")
     p.add_argument("--calibration", required=True)
     p.add_argument("--audio-weight", default="0.8", help="compress-encoder --audio-weight (none: every frame alike)")
     p.add_argument("--train", help="training data for --recover")
@@ -101,7 +104,7 @@ def main() -> None:
             summary = evaluate(model, args.model, here / "eval", args)
             rows.append(row(f"{allocation}, no fine-tuning", budget, flops, summary,
                             speeds(model, args.model, here, args)))
-            if budget in args.recover and allocation == "uniform":
+            if budget in args.recover and allocation == args.allocations[0]:
                 ft = here / "FT"
                 if not (ft / "control" / "config.json").is_file():
                     slimwhisper("finetune", model, "--train", args.train, "--control", "--out", str(ft), "--quiet")

@@ -300,7 +300,7 @@ def _audio_weight(text: str) -> float | None:
 
 def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     """`compress-encoder`: low-rank encoder linears (LiteASR)."""
-    from .lowrank.config import AUDIO_WEIGHT
+    from .lowrank.config import ALLOCATIONS, AUDIO_WEIGHT
 
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
     add_model(p)
@@ -309,9 +309,11 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, help="one fixed rank for every encoder linear")
     p.add_argument("--budget", type=float, help="keep this share of the encoder's linear FLOPs (e.g. 0.6), ranks "
                    "shared out as --allocation says")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"],
-                   help="with --budget: one rank for all linears (uniform, default) or ranks where the encoder's "
-                   "output error, probed on the calibration audio, grows least per FLOP saved (greedy)")
+    p.add_argument("--allocation", default=ALLOCATIONS[0], choices=ALLOCATIONS,
+                   help="with --budget: one rank each for the q/k, v/out and MLP linears of every layer, the "
+                   "combination whose encoder output errs least on the calibration audio (roles, default); one "
+                   "rank for all linears (uniform); or ranks where the output error, probed one linear at a time, "
+                   "grows least per FLOP saved (greedy)")
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")

@@ -37,3 +37,14 @@ def test_budget_is_its_own_recipe():
             LowRankConfig(budget=bad)
     with pytest.raises(SlimWhisperError, match="only one"):
         LowRankConfig(budget=0.5, preset="b")
+
+
+def test_budgets_share_by_role_unless_the_recipe_predates_it():
+    assert LowRankConfig(budget=0.6).allocation == "roles"
+    saved = LowRankConfig(budget=0.6, allocation="uniform").to_dict()
+    assert LowRankConfig.from_dict(saved).allocation == "uniform"
+    older = {k: v for k, v in LowRankConfig(rank=64).to_dict().items() if k not in ("allocation", "audio_weight")}
+    restored = LowRankConfig.from_dict(older)  # written before either field: one rank, every frame alike
+    assert restored.allocation == "uniform" and restored.audio_weight is None
+    with pytest.raises(SlimWhisperError, match="roles, uniform, greedy"):
+        LowRankConfig(budget=0.6, allocation="even")

@@ -129,3 +129,73 @@ def test_a_rank_that_saves_nothing_is_refused_before_calibrating(tiny_model):
     with pytest.raises(SlimWhisperError) as missing:
         sw.convert(tiny_model, LowRankConfig(rank=42, granule=8), calibration="/nonexistent/audio")
     assert "saves nothing" not in str(missing.value)
+
+
+def _factorised(model, stats, ranks):
+    """A copy of `model` whose linears in `ranks` are their rank-k PCA factor pairs."""
+    import copy
+
+    from slimwhisper.lowrank.math import pca_factors
+
+    out = copy.deepcopy(model)
+    for name, k in ranks.items():
+        linear = out.get_submodule(name)
+        first, second, bias = pca_factors(linear.weight, linear.bias, stats.layers[name].mean(), None, k,
+                                          stats.basis(name))
+        low = LowRankLinear(linear.in_features, linear.out_features, k)
+        with torch.no_grad():
+            low.down.weight.copy_(first.float())
+            low.up.weight.copy_(second.float())
+            low.up.bias.copy_(bias.float())
+        parent, attr = name.rsplit(".", 1)
+        setattr(out.get_submodule(parent), attr, low)
+    return out
+
+
+def test_role_probe_measures_the_factorised_encoder_with_every_linear_truncated(encoder_stats):
+    """RoleProbe (outputs projected by hooks, all at once) measures exactly what the factor pairs do together."""
+    from conftest import calib_audio, tiny_whisper
+    from slimwhisper.lowrank.calibrate import RoleProbe, frame_weights, probe_windows, weighted_error
+    from slimwhisper.lowrank.convert import find_linears
+
+    model = tiny_whisper().eval()
+    linears = find_linears(model, LowRankConfig().targets)
+    features, weights = probe_windows(model, calib_audio(), 2, 0.8)
+    assert torch.equal(weights, frame_weights([125, 125], 0.8))  # 2-s clips: 100 frames of audio + 25
+    ranks = {n: (8 if "fc" in n else 16) for n in linears}
+    probe = RoleProbe(model, linears, encoder_stats, dict.fromkeys(linears, 32), features, weights)
+    with torch.no_grad():
+        reference = model.get_encoder()(features).last_hidden_state
+        output = _factorised(model, encoder_stats, ranks).get_encoder()(features).last_hidden_state
+    expected = weighted_error(output, reference, weights)
+    assert expected > 0 and probe.error(ranks) == pytest.approx(expected, rel=1e-3)
+    assert probe.error(dict.fromkeys(linears)) == 0.0  # all dense: the original
+    # weighted: the padding counts for its share of the weight, not for its number of frames
+    assert weighted_error(output, reference, None) != pytest.approx(expected, rel=1e-3)
+
+
+def test_roles_allocation_shares_ranks_by_role_and_errs_less_than_one_rank_for_all(tiny_model, features, tmp_path):
+    from conftest import calib_audio
+    from slimwhisper.lowrank.calibrate import RoleProbe, probe_windows
+    from slimwhisper.lowrank.config import ROLE_PROBE_WINDOWS, ROLES
+    from slimwhisper.lowrank.convert import find_linears
+    from slimwhisper.lowrank.math import uniform_budget_ranks
+
+    config = LowRankConfig(budget=0.5, granule=8)
+    assert config.allocation == "roles"
+    stats = sw.lowrank.calibrate(tiny_model, calib_audio(), progress=False)
+    slim = sw.convert(tiny_model, config, calibration=calib_audio(), progress=False)
+    spec = slim.config.compression["lowrank"]
+    assert 0 < spec["linear_flops_kept"] <= 0.5
+    linears = find_linears(tiny_model, config.targets)
+    chosen = {n: spec["layers"].get(n) for n in linears}
+    for targets in ROLES.values():  # one rank per role, the same in every layer
+        assert len({chosen[n] for n in linears if n.split(".", 4)[-1] in targets}) == 1
+    uniform = uniform_budget_ranks({n: (m.in_features, m.out_features) for n, m in linears.items()}, 0.5, 8)
+    assert chosen != uniform
+    probe_features, weights = probe_windows(tiny_model, calib_audio(), ROLE_PROBE_WINDOWS, config.audio_weight)
+    probe = RoleProbe(tiny_model, linears, stats, dict.fromkeys(linears, 56), probe_features, weights)
+    assert probe.error(chosen) < probe.error(uniform)
+    slim.save_pretrained(tmp_path / "m")
+    again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(again, features), logits(slim, features))

@@ -175,3 +175,50 @@ def test_predicted_error_meets_every_measure_and_falls_to_zero_at_full_rank():
     assert between == pytest.approx(0.4 + share * (0.1 - 0.4))
     assert probe_ranks(128, 128, 8) == [8, 24, 32, 40, 56] and probe_ranks(64, 64, 8) == rank_options(64, 64, 8)
     assert probe_ranks(8, 8, 8) == []
+
+
+def test_role_costs_count_each_rank_and_dense_last():
+    from slimwhisper.lowrank.math import role_costs
+
+    # a 64x64 pair saves below rank 32, a 64x256 one below 51.2: rank 40 saves on the second only
+    costs = role_costs([(64, 64), (64, 256)], granule=8)
+    assert len(costs) == 6 + 1  # ranks 8..48, then dense
+    assert costs[0] == 8 * 128 + 8 * 320
+    assert costs[4] == 64 * 64 + 40 * 320  # the square linear stays dense at rank 40
+    assert costs[-1] == 64 * 64 + 64 * 256
+
+
+def test_fitting_combinations_fit_and_cannot_grow():
+    from slimwhisper.lowrank.math import fitting_combinations
+
+    costs = {"a": [1, 2, 3, 4], "b": [2, 4, 6, 8]}
+    allowed = {r: list(range(len(c))) for r, c in costs.items()}
+    found = fitting_combinations(costs, 7, allowed)
+    assert found and all(costs["a"][c["a"]] + costs["b"][c["b"]] <= 7 for c in found)
+    for c in found:  # no role can take its next option
+        assert c["a"] == 3 or costs["a"][c["a"] + 1] + costs["b"][c["b"]] > 7
+        assert c["b"] == 3 or costs["a"][c["a"]] + costs["b"][c["b"] + 1] > 7
+    assert {(c["a"], c["b"]) for c in found} == {(0, 2), (2, 1), (3, 0)}
+    assert fitting_combinations(costs, 2, allowed) == []
+
+
+def test_search_roles_finds_the_best_fitting_combination_without_repeats():
+    from slimwhisper.lowrank.math import fitting_combinations, search_roles
+
+    # three roles of 12, 12 and 20 options (tiny.en's at granule 16), costs growing with the rank
+    costs = {"s": [2 * 768 * 16 * (p + 1) for p in range(11)] + [2 * 147456],
+             "v": [2 * 768 * 16 * (p + 1) for p in range(11)] + [2 * 147456],
+             "m": [2 * 1920 * 16 * (p + 1) for p in range(19)] + [2 * 589824]}
+    limit = 0.6 * sum(c[-1] for c in costs.values())
+
+    def error(p):  # smooth, with a different weight per role, so the best split is not the even one
+        return 3.0 / (p["s"] + 1) + 0.5 / (p["v"] + 1) + 9.0 / (p["m"] + 1)
+
+    calls = []
+    best = search_roles(costs, limit, lambda p: calls.append(tuple(p.items())) or error(p))
+    every = fitting_combinations(costs, limit, {r: list(range(len(c))) for r, c in costs.items()})
+    assert error(best) == pytest.approx(min(error(c) for c in every))
+    assert len(calls) == len(set(calls)) < len(every) / 2  # coarse to fine: far fewer than all of them
+    assert sum(costs[r][p] for r, p in best.items()) <= limit
+    # nothing fits: every role at its smallest rank, nothing evaluated
+    assert search_roles(costs, 1, lambda p: 1 / 0) == {"s": 0, "v": 0, "m": 0}

@@ -470,13 +470,20 @@ PROBE_WINDOWS = 4
 def probe_features(model: nn.Module, items: list, windows: int = PROBE_WINDOWS) -> torch.Tensor:
     """Log-mel features [n, n_mels, 3000]: the first 30-s window of `windows` recordings spread evenly over
     `items` (a manifest sorted by language or speaker still gives a mixed probe)."""
+    return probe_windows(model, items, windows, None)[0]
+
+
+def probe_windows(model: nn.Module, items: list, windows: int,
+                  audio_weight: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`probe_features` and the frames' weights [n, frames] under `audio_weight` (None: every frame alike)."""
     from ..calibration import feature_batches
 
     param = next(model.parameters())
     chosen = [items[round(i * len(items) / windows)] for i in range(min(windows, len(items)))]
-    firsts = (next(stream_windows([item])) for item in chosen)
-    batches = feature_batches(firsts, model.config.num_mel_bins, windows)
-    return next(iter(batches)).to(param.device, param.dtype)
+    firsts = [next(stream_windows([item])) for item in chosen]
+    features = next(iter(feature_batches(iter(firsts), model.config.num_mel_bins, len(firsts))))
+    weights = frame_weights([audio_frames(len(w)) for w in firsts], audio_weight, features.shape[-1] // 2)
+    return features.to(param.device, param.dtype), weights
 
 
 def _layer_inputs(encoder: nn.Module, features: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -537,3 +544,57 @@ def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: Enco
         if on_disk:
             stats.forget(name)
     return errors
+
+
+def weighted_error(output: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """Relative squared error of encoder outputs [B, T, d], each frame weighted ([B, T]; None: alike)."""
+    diff = (output.double() - reference.double()).pow(2).sum(-1)
+    energy = reference.double().pow(2).sum(-1)
+    if weights is None:
+        return float(diff.sum() / energy.sum())
+    weights = weights.to(diff.device)
+    return float((weights * diff).sum() / (weights * energy).sum())
+
+
+class RoleProbe:
+    """The encoder output's error when several linears together keep only their first principal components
+    (what their rank-k factor pairs compute), measured on a few calibration windows.
+
+    Unlike `probe_errors` (one linear at a time), every linear is truncated at once: errors of truncated
+    linears do not add, so a combination of ranks has to be measured as a whole. Each linear's basis is
+    kept only up to the largest rank it may get, in the model's dtype.
+    """
+
+    def __init__(self, model: nn.Module, linears: Mapping[str, nn.Linear], stats: EncoderStats,
+                 largest: Mapping[str, int], features: torch.Tensor, weights: torch.Tensor | None):
+        self.encoder, self.linears, self.features, self.weights = model.get_encoder(), linears, features, weights
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in linears:
+            if largest.get(name):  # 0: no rank saves anything there, it stays dense
+                vectors = stats.basis(name)[1][:, : largest[name]]
+                self.bases[name] = (stats.layers[name].mean().to(features.dtype), vectors.to(features.dtype))
+            if isinstance(stats.layers, FileLayers):
+                stats.forget(name)
+        with torch.no_grad():
+            self.reference = self.encoder(features).last_hidden_state
+
+    @torch.no_grad()
+    def error(self, ranks: Mapping[str, int | None]) -> float:
+        """Weighted relative error of the encoder output with every linear in `ranks` (None: dense) truncated."""
+        handles = []
+        for name, k in ranks.items():
+            if k is None:
+                continue
+            mean, vectors = self.bases[name]
+            basis = vectors[:, :k]
+
+            def project(_module, _args, y, basis=basis, mean=mean):
+                return mean + ((y - mean) @ basis) @ basis.T
+
+            handles.append(self.linears[name].register_forward_hook(project))
+        try:
+            output = self.encoder(self.features).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+        return weighted_error(output, self.reference, self.weights)

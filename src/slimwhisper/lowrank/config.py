@@ -18,7 +18,13 @@ LOWRANK_FORMAT_VERSION = 1
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 ATTENTION_TARGETS = TARGETS[:4]
 ENERGIES = ("linear", "squared")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("roles", "uniform", "greedy")
+# The linears that share one rank under the "roles" allocation: the projections that make the attention
+# scores, those that carry the values, and the MLP.
+ROLES = {"scores": ("self_attn.q_proj", "self_attn.k_proj"), "values": ("self_attn.v_proj", "self_attn.out_proj"),
+         "mlp": ("fc1", "fc2")}
+# Calibration windows on which the "roles" allocation measures each combination of ranks.
+ROLE_PROBE_WINDOWS = 8
 
 # The audio frames' share of each padded calibration window's weight (`LowRankConfig.audio_weight`).
 AUDIO_WEIGHT = 0.8
@@ -50,9 +56,12 @@ class LowRankConfig(Recipe):
         rank: a fixed rank for every target instead of thresholds (rounded to nothing; dense rule applies).
         budget: keep this share (0-1) of the target linears' FLOPs instead of thresholds, shared out
             across layers and linears as `allocation` says.
-        allocation: how a budget is shared: "uniform" (one rank for every linear, the largest that fits)
-            or "greedy" (ranks where the encoder output's error, measured on calibration audio one
-            linear at a time, grows least per FLOP saved).
+        allocation: how a budget is shared: "roles" (the default: one rank for the score projections q/k,
+            one for the value path v/out, one for the MLP, in every layer; the combination that fits and
+            leaves the least encoder-output error, measured with all of them truncated together on
+            calibration audio), "uniform" (one rank for every linear, the largest that fits) or "greedy"
+            (ranks where the encoder output's error, measured one linear at a time, grows least per FLOP
+            saved).
         energy: "squared" (default: sum of squared singular values = explained variance, the LiteASR
             paper; better than "linear" at preset "a" on tiny.en and base and at "b" on base) or
             "linear" (sum of singular values; better only at "b" on tiny.en, where squared collapsed).
@@ -72,7 +81,7 @@ class LowRankConfig(Recipe):
     preset: str | None = None
     rank: int | None = None
     budget: float | None = None
-    allocation: str = "uniform"
+    allocation: str = "roles"
     energy: str = "squared"
     granule: int = 16
     targets: tuple[str, ...] = TARGETS
@@ -142,7 +151,8 @@ class LowRankConfig(Recipe):
 
     @classmethod
     def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
-        data = {"audio_weight": None, **data}  # recorded before the field existed: every frame weighed 1
+        # recorded before these fields existed: every frame weighed 1, one rank for every linear
+        data = {"audio_weight": None, "allocation": "uniform", **data}
         if data.get("preset") is not None:  # thetas are derived from the preset
             data = {k: v for k, v in data.items() if k not in ("theta_attn", "theta_mlp")}
         return data

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibration import CalibrationSource
 from ..errors import SlimWhisperError
@@ -31,14 +32,16 @@ from .calibrate import (
     EncoderStats,
     FileLayers,
     LinearStats,
+    RoleProbe,
     audio_items,
     audio_key,
     encoder_fingerprint,
     measure_stats,
     probe_errors,
     probe_features,
+    probe_windows,
 )
-from .config import LowRankConfig
+from .config import ROLE_PROBE_WINDOWS, ROLES, LowRankConfig
 from .math import (
     budget_ranks,
     energy_rank,
@@ -46,6 +49,9 @@ from .math import (
     flops_kept,
     largest_saving_rank,
     pca_factors,
+    rank_options,
+    role_costs,
+    search_roles,
     uniform_budget_ranks,
 )
 from .modules import LowRankLinear, WhisperLowRankAttention, WhisperLowRankEncoderLayer
@@ -134,9 +140,10 @@ def _rank_for(name: str, linear: nn.Linear, config: LowRankConfig, stats: Encode
 
 def allocate_budget(linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
                     errors: dict[str, dict[int, float]] | None = None) -> dict[str, int | None]:
-    """Ranks for `config.budget` across all target linears (`errors` from `probe_errors`; without them each
-    linear's own share of lost energy). Each spectrum is read and reduced to its eigenvalues one linear at a
-    time, so a file-backed large model never holds more than one covariance."""
+    """Ranks for `config.budget` across all target linears under the "uniform" or "greedy" allocation (`errors`
+    from `probe_errors`; without them each linear's own share of lost energy). Each spectrum is read and
+    reduced to its eigenvalues one linear at a time, so a file-backed large model never holds more than one
+    covariance. The "roles" allocation runs the encoder, so it is `role_ranks`."""
     if config.allocation == "uniform":
         return uniform_budget_ranks({n: (m.in_features, m.out_features) for n, m in linears.items()}, config.budget,
                                     config.granule)
@@ -147,14 +154,69 @@ def allocate_budget(linears: dict[str, nn.Linear], config: LowRankConfig, stats:
     return budget_ranks(spectra, config.budget, config.granule, errors)
 
 
-def choose_ranks(model: nn.Module, config: LowRankConfig, stats: EncoderStats) -> dict[str, int]:
-    """fqn -> rank for every target that gets factorised (dense ones are left out)."""
+def _role_members(linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
+    members = {role: [n for n in linears if n.split(".", 4)[-1] in targets] for role, targets in ROLES.items()}
+    return {role: names for role, names in members.items() if names}
+
+
+def _role_rank_map(linears: dict[str, nn.Linear], members: dict[str, list[str]], positions: dict[str, int],
+                   costs: dict[str, list[int]], granule: int) -> dict[str, int | None]:
+    """fqn -> rank (None = dense) for option positions per role (`math.role_costs` order: ranks, then dense)."""
+    ranks: dict[str, int | None] = {}
+    for role, p in positions.items():
+        k = None if p == len(costs[role]) - 1 else (p + 1) * granule
+        for name in members[role]:
+            d_in, d_out = linears[name].in_features, linears[name].out_features
+            ranks[name] = k if k is not None and k * (d_in + d_out) < d_in * d_out else None
+    return ranks
+
+
+def role_ranks(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
+               audio: Any, limit: int | None, progress: bool) -> dict[str, int | None]:
+    """Ranks for `config.budget` under the "roles" allocation: one rank per role in every layer, the combination
+    that fits the budget with the least weighted encoder-output error on a few windows of `audio` (the bundled
+    clips when None), every target truncated together (`RoleProbe`), searched coarse to fine."""
+    members = _role_members(linears)
+    costs = {role: role_costs([(linears[n].in_features, linears[n].out_features) for n in names], config.granule)
+             for role, names in members.items()}
+    largest = {n: max(rank_options(m.in_features, m.out_features, config.granule), default=0)
+               for n, m in linears.items()}
+    features, weights = probe_windows(model, audio_items(audio, limit), ROLE_PROBE_WINDOWS, config.audio_weight)
+    probe = RoleProbe(model, linears, stats, largest, features, weights)
+    with tqdm(desc="searching ranks", unit="combination", disable=not progress) as bar:
+        def evaluate(positions: dict[str, int]) -> float:
+            bar.update()
+            return probe.error(_role_rank_map(linears, members, positions, costs, config.granule))
+
+        best = search_roles(costs, config.budget * sum(c[-1] for c in costs.values()), evaluate)
+    return _role_rank_map(linears, members, best, costs, config.granule)
+
+
+def _allocate(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
+              calibration: Any, limit: int | None, progress: bool) -> dict[str, int | None] | None:
+    """Ranks for a budget recipe (None for threshold and fixed-rank ones). The allocations that measure errors
+    probe the calibration audio, or the bundled clips when only statistics were given."""
+    if config.budget is None:
+        return None
+    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
+    if config.allocation == "roles":
+        return role_ranks(model, linears, config, stats, audio, limit, progress)
+    errors = None
+    if config.allocation == "greedy":
+        features = probe_features(model, audio_items(audio, limit))
+        errors = probe_errors(model, linears, stats, features, config.granule, progress)
+    return allocate_budget(linears, config, stats, errors)
+
+
+def choose_ranks(model: nn.Module, config: LowRankConfig, stats: EncoderStats, calibration: Any = None,
+                 limit: int | None = 100, progress: bool = False) -> dict[str, int]:
+    """fqn -> rank for every target that gets factorised (dense ones are left out). Budget allocations that
+    measure errors run the encoder on `calibration` audio (default: the bundled clips)."""
     linears = find_linears(model, config.targets)
-    if config.budget is not None:
-        return {n: k for n, k in allocate_budget(linears, config, stats).items() if k is not None}
+    allocated = _allocate(model, linears, config, stats, calibration, limit, progress)
     ranks: dict[str, int] = {}
     for name, linear in linears.items():
-        k = _rank_for(name, linear, config, stats)
+        k = allocated[name] if allocated is not None else _rank_for(name, linear, config, stats)
         if k is not None:
             ranks[name] = k
     return ranks
@@ -188,24 +250,13 @@ def _is_stats_file(calibration: Any) -> bool:
         str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file())
 
 
-def _errors(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
-            calibration: Any, limit: int | None, progress: bool) -> dict[str, dict[int, float]] | None:
-    """Measured errors for a budget allocation, probed on the calibration audio (the bundled clips when the
-    statistics were given without audio); None for threshold and fixed-rank recipes."""
-    if config.budget is None or config.allocation != "greedy":
-        return None
-    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
-    features = probe_features(model, audio_items(audio, limit))
-    return probe_errors(model, linears, stats, features, config.granule, progress)
-
-
 def _factorise(linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,
-               errors: dict[str, dict[int, float]] | None = None) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """Ranks and low-rank factors, one linear at a time (a file-backed layer is read, used and dropped)."""
+               allocated: dict[str, int | None] | None = None) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Ranks (`allocated` by a budget, else by the recipe's rule) and low-rank factors, one linear at a time
+    (a file-backed layer is read, used and dropped)."""
     ranks: dict[str, int] = {}
     new_state: dict[str, torch.Tensor] = {}
     on_disk = isinstance(stats.layers, FileLayers)
-    allocated = allocate_budget(linears, config, stats, errors) if config.budget is not None else None
     for name, linear in linears.items():
         s = stats.layers[name]
         k = allocated[name] if allocated is not None else _rank_for(name, linear, config, stats, s)
@@ -267,8 +318,8 @@ def convert_lowrank(
                     progress) as stats:
         if stats_out is not None:
             stats.save(stats_out)
-        errors = _errors(model, linears, config, stats, calibration, calibration_limit, progress)
-        ranks, new_state = _factorise(linears, config, stats, errors)
+        allocated = _allocate(model, linears, config, stats, calibration, calibration_limit, progress)
+        ranks, new_state = _factorise(linears, config, stats, allocated)
         windows = stats.windows
     shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
     spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": windows,

@@ -6,6 +6,9 @@ V_k^T W [k, d_in] without bias, an up projection V_k [d_out, k] with the correct
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
+
 import torch
 
 
@@ -244,6 +247,65 @@ def uniform_budget_ranks(shapes: dict[str, tuple[int, int]], budget: float, gran
         if flops_kept(ranks, shapes) <= budget:
             break
     return ranks
+
+
+def role_costs(shapes: Sequence[tuple[int, int]], granule: int) -> list[int]:
+    """Per-row cost of a role (linears sharing one rank) at each of its options, ascending ranks then dense:
+    the multiples of `granule` that save FLOPs on at least one of its linears (a linear where a rank saves
+    nothing stays dense at that rank, as in `uniform_budget_ranks`)."""
+    ranks = sorted({k for d_in, d_out in shapes for k in rank_options(d_in, d_out, granule)})
+    dense = sum(d_in * d_out for d_in, d_out in shapes)
+    return [sum(min(k * (i + o), i * o) for i, o in shapes) for k in ranks] + [dense]
+
+
+def fitting_combinations(costs: dict[str, list[int]], limit: float,
+                         allowed: dict[str, list[int]]) -> list[dict[str, int]]:
+    """Combinations of option positions (one per role, from `allowed`) whose total cost fits `limit` and that
+    cannot raise any role to its next allowed option without breaking it: the most each can keep."""
+    roles = list(costs)
+    found = []
+    for picks in itertools.product(*(allowed[r] for r in roles)):
+        total = sum(costs[r][p] for r, p in zip(roles, picks))
+        if total > limit:
+            continue
+        if all(not (higher := [q for q in allowed[r] if q > p]) or total - costs[r][p] + costs[r][higher[0]] > limit
+               for r, p in zip(roles, picks)):
+            found.append(dict(zip(roles, picks)))
+    return found
+
+
+def search_roles(costs: dict[str, list[int]], limit: float,
+                 evaluate: Callable[[dict[str, int]], float], widest: int = 8) -> dict[str, int]:
+    """Option positions per role that fit `limit` at the least `evaluate`d error, searched coarse to fine.
+
+    Positions index `role_costs` (the last is dense). The first pass tries the combinations on a grid of
+    ranks every `stride` granules (the smallest power of two leaving at most `widest` options per role),
+    each later pass halves the stride around the best combination so far, down to one granule, and passes
+    at one granule go on around each new best until it stays. Every combination tried fits and is maximal
+    on its grid; none is evaluated twice."""
+    stride = 1
+    while max(len(c) for c in costs.values()) / stride > widest:
+        stride *= 2
+    seen: dict[tuple[tuple[str, int], ...], float] = {}
+    best: dict[str, int] | None = None
+    window = 0
+    while True:
+        allowed = {r: [p for p in range(len(c)) if (p + 1) % stride == 0 or p == len(c) - 1]
+                   for r, c in costs.items()}
+        if best is not None:
+            allowed = {r: [p for p in ps if abs(p - best[r]) <= window] for r, ps in allowed.items()}
+        combos = fitting_combinations(costs, limit, allowed)
+        if best is None and not combos:  # nothing fits: every role at its smallest rank
+            return dict.fromkeys(costs, 0)
+        for combo in combos:
+            key = tuple(combo.items())
+            if key not in seen:
+                seen[key] = evaluate(combo)
+        previous, best = best, dict(min(seen, key=seen.__getitem__))
+        if stride == 1 and best == previous:
+            return best
+        if stride > 1:
+            window, stride = stride, stride // 2
 
 
 def probe_ranks(d_in: int, d_out: int, granule: int, count: int = 5) -> list[int]:
