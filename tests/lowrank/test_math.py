@@ -178,10 +178,12 @@ def test_predicted_error_meets_every_measure_and_falls_to_zero_at_full_rank():
 
 
 def test_role_costs_count_each_rank_and_dense_last():
-    from slimwhisper.lowrank.math import role_costs
+    from slimwhisper.lowrank.math import role_costs, role_options
 
     # a 64x64 pair saves below rank 32, a 64x256 one below 51.2: rank 40 saves on the second only
-    costs = role_costs([(64, 64), (64, 256)], granule=8)
+    shapes = [(64, 64), (64, 256)]
+    assert role_options(shapes, granule=8) == [8, 16, 24, 32, 40, 48, None]
+    costs = role_costs(shapes, role_options(shapes, granule=8))
     assert len(costs) == 6 + 1  # ranks 8..48, then dense
     assert costs[0] == 8 * 128 + 8 * 320
     assert costs[4] == 64 * 64 + 40 * 320  # the square linear stays dense at rank 40

@@ -476,13 +476,10 @@ def probe_features(model: nn.Module, items: list, windows: int = PROBE_WINDOWS) 
 def probe_windows(model: nn.Module, items: list, windows: int,
                   audio_weight: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`probe_features` and the frames' weights [n, frames] under `audio_weight` (None: every frame alike)."""
-    from ..calibration import feature_batches
-
     param = next(model.parameters())
     chosen = [items[round(i * len(items) / windows)] for i in range(min(windows, len(items)))]
-    firsts = [next(stream_windows([item])) for item in chosen]
-    features = next(iter(feature_batches(iter(firsts), model.config.num_mel_bins, len(firsts))))
-    weights = frame_weights([audio_frames(len(w)) for w in firsts], audio_weight, features.shape[-1] // 2)
+    firsts = [next(stream_windows([item])) for item in chosen]  # arrays: each is its own single window
+    features, weights = next(weighted_batches(firsts, model.config.num_mel_bins, len(firsts), audio_weight))
     return features.to(param.device, param.dtype), weights
 
 
@@ -519,7 +516,6 @@ def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: Enco
 
     encoder = model.get_encoder()
     inputs, reference = _layer_inputs(encoder, features)
-    energy = reference.double().pow(2).mean()
     on_disk = isinstance(stats.layers, FileLayers)
     errors: dict[str, dict[int, float]] = {}
     for name, linear in tqdm(linears.items(), desc="probing ranks", unit="linear", disable=not progress):
@@ -540,7 +536,7 @@ def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: Enco
                 output = _tail(encoder, inputs[layer_index(name)], layer_index(name))
             finally:
                 handle.remove()
-            errors[name][k] = float((output.double() - reference.double()).pow(2).mean() / energy)
+            errors[name][k] = weighted_error(output, reference, None)
         if on_disk:
             stats.forget(name)
     return errors

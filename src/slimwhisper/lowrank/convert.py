@@ -51,6 +51,7 @@ from .math import (
     pca_factors,
     rank_options,
     role_costs,
+    role_options,
     search_roles,
     uniform_budget_ranks,
 )
@@ -160,14 +161,14 @@ def _role_members(linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
 
 
 def _role_rank_map(linears: dict[str, nn.Linear], members: dict[str, list[str]], positions: dict[str, int],
-                   costs: dict[str, list[int]], granule: int) -> dict[str, int | None]:
-    """fqn -> rank (None = dense) for option positions per role (`math.role_costs` order: ranks, then dense)."""
+                   options: dict[str, list[int | None]]) -> dict[str, int | None]:
+    """fqn -> rank (None = dense) for one option position per role (`math.role_options`)."""
     ranks: dict[str, int | None] = {}
     for role, p in positions.items():
-        k = None if p == len(costs[role]) - 1 else (p + 1) * granule
+        k = options[role][p]
         for name in members[role]:
-            d_in, d_out = linears[name].in_features, linears[name].out_features
-            ranks[name] = k if k is not None and k * (d_in + d_out) < d_in * d_out else None
+            linear = linears[name]
+            ranks[name] = None if k is None else fixed_rank(k, linear.in_features, linear.out_features)
     return ranks
 
 
@@ -177,8 +178,10 @@ def role_ranks(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankC
     that fits the budget with the least weighted encoder-output error on a few windows of `audio` (the bundled
     clips when None), every target truncated together (`RoleProbe`), searched coarse to fine."""
     members = _role_members(linears)
-    costs = {role: role_costs([(linears[n].in_features, linears[n].out_features) for n in names], config.granule)
-             for role, names in members.items()}
+    shapes = {role: [(linears[n].in_features, linears[n].out_features) for n in names]
+              for role, names in members.items()}
+    options = {role: role_options(s, config.granule) for role, s in shapes.items()}
+    costs = {role: role_costs(shapes[role], options[role]) for role in members}
     largest = {n: max(rank_options(m.in_features, m.out_features, config.granule), default=0)
                for n, m in linears.items()}
     features, weights = probe_windows(model, audio_items(audio, limit), ROLE_PROBE_WINDOWS, config.audio_weight)
@@ -186,10 +189,10 @@ def role_ranks(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankC
     with tqdm(desc="searching ranks", unit="combination", disable=not progress) as bar:
         def evaluate(positions: dict[str, int]) -> float:
             bar.update()
-            return probe.error(_role_rank_map(linears, members, positions, costs, config.granule))
+            return probe.error(_role_rank_map(linears, members, positions, options))
 
         best = search_roles(costs, config.budget * sum(c[-1] for c in costs.values()), evaluate)
-    return _role_rank_map(linears, members, best, costs, config.granule)
+    return _role_rank_map(linears, members, best, options)
 
 
 def _allocate(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankConfig, stats: EncoderStats,

@@ -249,13 +249,16 @@ def uniform_budget_ranks(shapes: dict[str, tuple[int, int]], budget: float, gran
     return ranks
 
 
-def role_costs(shapes: Sequence[tuple[int, int]], granule: int) -> list[int]:
-    """Per-row cost of a role (linears sharing one rank) at each of its options, ascending ranks then dense:
-    the multiples of `granule` that save FLOPs on at least one of its linears (a linear where a rank saves
-    nothing stays dense at that rank, as in `uniform_budget_ranks`)."""
-    ranks = sorted({k for d_in, d_out in shapes for k in rank_options(d_in, d_out, granule)})
-    dense = sum(d_in * d_out for d_in, d_out in shapes)
-    return [sum(min(k * (i + o), i * o) for i, o in shapes) for k in ranks] + [dense]
+def role_options(shapes: Sequence[tuple[int, int]], granule: int) -> list[int | None]:
+    """The ranks a role (linears sharing one rank) can take, ascending, then None (dense): the multiples of
+    `granule` that save FLOPs on at least one of its linears."""
+    return sorted({k for d_in, d_out in shapes for k in rank_options(d_in, d_out, granule)}) + [None]
+
+
+def role_costs(shapes: Sequence[tuple[int, int]], options: Sequence[int | None]) -> list[int]:
+    """Per-row cost of a role at each of its `options` (a linear where a rank saves nothing stays dense at that
+    rank, as in `uniform_budget_ranks`)."""
+    return [sum(i * o if k is None else min(k * (i + o), i * o) for i, o in shapes) for k in options]
 
 
 def fitting_combinations(costs: dict[str, list[int]], limit: float,
@@ -278,11 +281,12 @@ def search_roles(costs: dict[str, list[int]], limit: float,
                  evaluate: Callable[[dict[str, int]], float], widest: int = 8) -> dict[str, int]:
     """Option positions per role that fit `limit` at the least `evaluate`d error, searched coarse to fine.
 
-    Positions index `role_costs` (the last is dense). The first pass tries the combinations on a grid of
-    ranks every `stride` granules (the smallest power of two leaving at most `widest` options per role),
-    each later pass halves the stride around the best combination so far, down to one granule, and passes
-    at one granule go on around each new best until it stays. Every combination tried fits and is maximal
-    on its grid; none is evaluated twice."""
+    Positions index each role's `role_options` (the last is dense), `costs` their `role_costs`. The first pass
+    tries the combinations on a grid of every `stride`-th position (the smallest power of two leaving at most
+    `widest` per role; ranks every `stride` granules, as the options are consecutive multiples of the
+    granule), each later pass halves the stride around the best combination so far, down to one position, and
+    passes at one position go on around each new best until it stays. Every combination tried fits and is
+    maximal on its grid; none is evaluated twice."""
     stride = 1
     while max(len(c) for c in costs.values()) / stride > widest:
         stride *= 2

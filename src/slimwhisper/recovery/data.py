@@ -294,6 +294,13 @@ def item_key(item: TrainItem) -> str:
 
 
 @torch.inference_mode()
+def softened_topk(logits: torch.Tensor, k: int, temperature: float) -> TopK:
+    """(indices, log-probabilities) of the k most likely tokens of the softened distribution: the distillation
+    target, whether cached once (`teacher_topk`) or computed live on altered audio."""
+    values, idx = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+    return idx, values
+
+
 def teacher_topk(
     teacher: Any, items: Sequence[TrainItem], encoder_cache: EncoderCache, *, k: int, temperature: float,
     root: str | os.PathLike | None, pad_id: int, batch_size: int = 8, progress: bool = True,
@@ -320,8 +327,7 @@ def teacher_topk(
         inputs, _ = collate(chunk, pad_id)
         logits = teacher(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                          decoder_input_ids=inputs.to(device)).logits
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        values, idx = logp.topk(k, dim=-1)  # (B, L, k)
+        idx, values = softened_topk(logits, k, temperature)  # (B, L, k)
         for row, it in enumerate(chunk):
             n = len(it.input_ids)
             known[item_key(it)] = (idx[row, :n].to("cpu", torch.int32), values[row, :n].to("cpu", torch.float32))

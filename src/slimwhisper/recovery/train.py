@@ -49,6 +49,7 @@ from .data import (
     log_mel,
     looks_normalised,
     open_train_data,
+    softened_topk,
     teacher_topk,
     teacher_transcripts,
     weights_fingerprint,
@@ -358,8 +359,7 @@ def _live_targets(teacher: nn.Module, features: torch.Tensor, inputs: torch.Tens
     out = teacher(input_features=features, decoder_input_ids=inputs, output_hidden_states=layers)
     topk = None
     if config.kd_weight > 0:
-        values, idx = torch.log_softmax(out.logits.float() / config.temperature, dim=-1).topk(config.kd_top_k, dim=-1)
-        topk = (idx, values)
+        topk = softened_topk(out.logits, config.kd_top_k, config.temperature)
     states = layer_states(out.encoder_hidden_states) if layers else out.encoder_last_hidden_state
     return topk, states.float()
 
