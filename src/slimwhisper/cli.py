@@ -19,6 +19,7 @@ from .cliargs import (
     add_model,
     add_out,
     add_quiet,
+    audio_share,
     check_out_path,
     output_folder,
     positive_int,
@@ -288,16 +289,6 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def _audio_weight(text: str) -> float | None:
-    """`--audio-weight`: a share in (0, 1], or "none"."""
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give a share such as 0.8, or none; got {text!r}") from None
-
-
 def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     """`compress-encoder`: low-rank encoder linears (LiteASR)."""
     from .lowrank.config import ALLOCATIONS, AUDIO_WEIGHT
@@ -317,7 +308,7 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")
-    p.add_argument("--audio-weight", type=_audio_weight, default=AUDIO_WEIGHT, metavar="W",
+    p.add_argument("--audio-weight", type=audio_share, default=AUDIO_WEIGHT, metavar="W",
                    help=f"share of each padded calibration window's weight that its audio frames carry, the padding "
                    f"the rest (default {AUDIO_WEIGHT}; none: every frame alike, as LiteASR)")
     p.add_argument("--targets", nargs="+", help="linears of each encoder layer (default: self_attn.q_proj "

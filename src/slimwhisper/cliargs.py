@@ -59,6 +59,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def audio_share(text: str) -> float | None:
+    """argparse type of `--audio-weight`-like options: a share in (0, 1], or "none" (every frame alike)."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a share such as 0.8, or none; got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a share is in (0, 1], or none; got {text!r}")
+    return value
+
+
 def add_batch_size(p: argparse.ArgumentParser, default: int, help: str = "rows decoded (or timed) together") -> None:
     p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=default,
                    help=f"{help} (default {default})")

@@ -62,3 +62,9 @@ def test_low_rank_encoder_gets_its_recipe_unless_told_otherwise():
     assert config("--encoder-layers", "all", compression={"lowrank": {}}).encoder_layers == "all"
     with pytest.raises(SystemExit):  # argparse's own one-line error
         config("--encoder-layers", "some")
+    assert lowrank.encoder_audio_weight == FinetuneConfig().encoder_audio_weight == 0.8
+    assert config("--encoder-audio-weight", "none").encoder_audio_weight is None
+    assert config("--encoder-audio-weight", "0.5").encoder_audio_weight == 0.5
+    for bad in ("0", "2", "most"):
+        with pytest.raises(SystemExit):
+            config("--encoder-audio-weight", bad)

@@ -81,3 +81,24 @@ def test_layerwise_encoder_distillation_averages_each_layers_relative_error():
     per_layer = [float(encoder_distillation(student[:, i], teacher[:, i])) for i in range(3)]
     # a layer whose states are 50x larger counts as much as the others: each is relative to its own energy
     assert float(encoder_distillation(student, teacher)) == pytest.approx(sum(per_layer) / 3, rel=1e-5)
+
+
+def test_encoder_distillation_weighs_frames():
+    from slimwhisper.lowrank.calibrate import frame_weights
+    from slimwhisper.recovery.losses import encoder_distillation
+
+    teacher = torch.randn(2, 30, 8)
+    student = teacher.clone()
+    student[:, 10:] += torch.randn(2, 20, 8)  # only the padding after 10 audio frames is off
+    assert float(encoder_distillation(student, teacher, torch.ones(2, 30))) == pytest.approx(
+        float(encoder_distillation(student, teacher)), rel=1e-6)
+    weights = frame_weights([10, 10], 0.8, 30)
+    weighted = float(encoder_distillation(student, teacher, weights))
+    assert 0 < weighted < float(encoder_distillation(student, teacher))
+    # by hand: each utterance's weighted error over its weighted energy
+    e, t = (student - teacher).pow(2).sum(-1), teacher.pow(2).sum(-1)
+    by_hand = sum(float((w * e[b]).sum() / (w * t[b]).sum()) for b, w in enumerate(weights.float()))
+    assert weighted == pytest.approx(by_hand, rel=1e-5)
+    # layer-wise states [B, L, T, d] take the same frame weights in every layer
+    layers = torch.stack([teacher, 3 * teacher], 1), torch.stack([student, 3 * student], 1)
+    assert float(encoder_distillation(layers[1], layers[0], weights)) == pytest.approx(weighted, rel=1e-5)

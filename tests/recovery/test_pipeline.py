@@ -89,3 +89,14 @@ def test_a_run_recorded_before_a_recipe_field_existed_still_resumes(tmp_path):
     assert _read_record(tmp_path, tmp_path / RUN_FILE, trains_them)["identity"] == before
     with pytest.raises(SlimWhisperError, match="other settings"):
         _read_record(tmp_path, tmp_path / RUN_FILE, identity)
+    # before `encoder_audio_weight` existed encoder distillation weighed every frame alike; a run without
+    # encoder distillation is the same recipe either way
+    distils = {**identity, "config": FinetuneConfig(encoder_weight=1.0).to_dict()}
+    for recorded, resumes, refuses in ((distils, FinetuneConfig(encoder_weight=1.0, encoder_audio_weight=None),
+                                        FinetuneConfig(encoder_weight=1.0)), (identity, FinetuneConfig(), None)):
+        config = {k: v for k, v in recorded["config"].items() if k != "encoder_audio_weight"}
+        (tmp_path / RUN_FILE).write_text(json.dumps({"identity": {**recorded, "config": config}, "arms": {}}))
+        _read_record(tmp_path, tmp_path / RUN_FILE, {**identity, "config": resumes.to_dict()})
+        if refuses is not None:
+            with pytest.raises(SlimWhisperError, match="other settings"):
+                _read_record(tmp_path, tmp_path / RUN_FILE, {**identity, "config": refuses.to_dict()})

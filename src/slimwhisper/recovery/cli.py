@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import fields
 
-from ..cliargs import add_device, add_model, add_out, add_quiet, output_folder
+from ..cliargs import add_device, add_model, add_out, add_quiet, audio_share, output_folder
 from ..errors import SlimWhisperError
 from .config import ENCODER_LAYERS, LOWRANK_ENCODER_RECIPE, MIXED_PRECISION, SCHEDULES, SCOPES, FinetuneConfig
 
@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"default {getattr(d, name)}{note}")
     p.add_argument("--encoder-layers", choices=ENCODER_LAYERS, help="what encoder distillation matches: the encoder's "
                    f"output (final) or every layer's output (all) (default {d.encoder_layers})")
+    p.add_argument("--encoder-audio-weight", type=audio_share, default=d.encoder_audio_weight, metavar="W",
+                   help="share of each padded window that its audio frames carry in encoder distillation "
+                   f"(default {d.encoder_audio_weight}; none: every frame alike)")
     p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), help="AdamW betas (default 0.9 0.95)")
     p.add_argument("--label-free", action=argparse.BooleanOptionalAction, default=d.label_free,
                    help="targets: the original's greedy transcripts (default; keeps its style, needs no transcripts) "
@@ -80,6 +83,7 @@ def config_from_args(args: argparse.Namespace, compression: dict | None = None) 
                   schedule=args.schedule, betas=tuple(args.betas), label_free=args.label_free,
                   language=args.language, mixed_precision=args.mixed_precision)
     given = {k: v for k, v in values.items() if k in known and v is not None}  # None: not given
+    given["encoder_audio_weight"] = args.encoder_audio_weight  # always given: None means every frame alike
     return FinetuneConfig(**{**FinetuneConfig.defaults_for(compression), **given})
 
 

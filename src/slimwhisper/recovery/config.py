@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SlimWhisperError
+from ..lowrank.config import AUDIO_WEIGHT
 from ..recipe import Recipe
 
 FINETUNE_FORMAT_VERSION = 1
@@ -33,8 +34,13 @@ ENCODER_LAYERS = ("final", "all")
 LOWRANK_ENCODER_RECIPE = {"encoder_weight": 1.0, "steps": 100}
 
 # What a field missing from a run recorded before it existed meant, where that differs from today's
-# default: every run before `embeddings` existed trained them.
-RECORDED_BEFORE = {"embeddings": True}
+# default: every run before `embeddings` existed trained them, and weighed every frame of the encoder's
+# 30-s window alike in encoder distillation.
+RECORDED_BEFORE = {"embeddings": True, "encoder_audio_weight": None}
+
+# The audio frames' share of each padded window in encoder distillation: the share the low-rank
+# calibration gives them, so recovery fits the frames the factors were chosen for.
+ENCODER_AUDIO_WEIGHT = AUDIO_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ class FinetuneConfig(Recipe):
         encoder_layers: which encoder states that distillation matches: "final" (the encoder's output) or
             "all" (every layer's output, each over its own energy, averaged over layers: every layer gets
             its own target instead of only the gradient that flows back from the last one).
+        encoder_audio_weight: the share of each padded window's weight in encoder distillation that
+            the frames holding audio carry (the padding shares the rest); None weighs every frame
+            alike, which lets the padding of short clips dominate what is fitted.
         augment: share of each step's clips played through a random recording channel (level, band limit,
             room, noise floor; `recovery/augment.py`), drawn afresh at every step. Teacher and student hear
             the same altered clip, so the teacher runs during training (without gradients) and the student's
@@ -109,6 +118,7 @@ class FinetuneConfig(Recipe):
     kd_weight: float = 1.0
     encoder_weight: float = 0.0
     encoder_layers: str = "final"
+    encoder_audio_weight: float | None = ENCODER_AUDIO_WEIGHT
     augment: float = 0.0
     temperature: float = 1.0
     kd_top_k: int = 64
@@ -148,6 +158,8 @@ class FinetuneConfig(Recipe):
             (self.encoder_weight >= 0, f"encoder_weight must not be negative, got {self.encoder_weight}"),
             (self.encoder_layers in ENCODER_LAYERS,
              f"encoder_layers must be one of {', '.join(ENCODER_LAYERS)}, got {self.encoder_layers!r}"),
+            (self.encoder_audio_weight is None or 0 < self.encoder_audio_weight <= 1,
+             f"encoder_audio_weight is a share in (0, 1], or none; got {self.encoder_audio_weight}"),
             (0 <= self.augment <= 1, f"augment is a share of the clips, in [0, 1]; got {self.augment}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (self.kd_top_k >= 1, f"kd_top_k must be at least 1, got {self.kd_top_k}"),

@@ -92,18 +92,26 @@ def combined_loss(
     return ce_weight * ce + kd_weight * kd, ce, kd
 
 
-def encoder_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def encoder_distillation(student: torch.Tensor, teacher: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over utterances of the squared error of encoder states over the teacher's energy.
 
     States are [B, T, d] (the output) or [B, L, T, d] (every layer's output; each layer's error is over
     its own energy, then averaged over layers, so deep layers whose states are larger weigh no more).
+    `weights` [B, T] weighs each frame in both sums (None: alike); Whisper pads every clip to 30 s, so
+    without them a short clip's padding, not its speech, is most of what is fitted.
     Relative per utterance, so quiet and loud clips weigh alike and the value reads the same for any
     model width (0.01 = the student's states are off by a tenth of their norm). Summed, so a caller
     divides by the step's utterances and micro-batches add up to the step's mean.
     """
     t = teacher.float()
-    error = (student.float() - t).pow(2).mean(dim=(-2, -1))
-    relative = error / t.pow(2).mean(dim=(-2, -1)).clamp_min(1e-12)
+    error = (student.float() - t).pow(2).sum(-1)  # [B, (L,) T]
+    energy = t.pow(2).sum(-1)
+    if weights is not None:
+        w = weights.to(error.device, error.dtype)
+        w = w if error.dim() == 2 else w.unsqueeze(1)
+        error, energy = error * w, energy * w
+    relative = error.sum(-1) / energy.sum(-1).clamp_min(1e-12)
     return relative.reshape(relative.shape[0], -1).mean(dim=1).sum()
 
 

@@ -98,7 +98,11 @@ def _normalised(identity: dict) -> dict:
     field existed (its value then: `RECORDED_BEFORE`, else today's default) still resumes."""
     from ..errors import SlimWhisperError
 
-    config = {**RECORDED_BEFORE, **identity.get("config", {})}
+    recorded = identity.get("config", {})
+    before = dict(RECORDED_BEFORE)
+    if not recorded.get("encoder_weight"):  # without encoder distillation its frame weights change nothing
+        before.pop("encoder_audio_weight")
+    config = {**before, **recorded}
     try:
         return {**identity, "config": FinetuneConfig.from_dict(config).to_dict()}
     except (SlimWhisperError, TypeError):

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ..data import load_sample_audio
 from ..data.records import SkipReport
 from ..errors import SlimWhisperError
+from ..lowrank.calibrate import audio_frames, frame_weights
 from .augment import channel_rng, play_through_channel
 from .config import FinetuneConfig
 from .data import (
@@ -317,7 +318,7 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
     inputs, labels = collate(batch, pad_id)
     inputs, labels = inputs.to(device), labels.to(device)
     layers = config.encoder_weight > 0 and config.encoder_layers == "all"
-    topk = target = None
+    topk = target = weights = None
     if sources.student is not None:
         hidden = load_encoder_outputs(sources.student, batch).to(device, torch.float32)
         student_kwargs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
@@ -325,6 +326,8 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
         audios = [_channel(load_sample_audio(it.sample, on_long="error"), config, draw)
                   for it, draw in zip(batch, draws)]
         student_kwargs = {"input_features": log_mel(sources.feature_extractor, audios, device, torch.float32)}
+        frames = student_kwargs["input_features"].shape[-1] // 2  # the encoder halves the mel frames
+        weights = frame_weights([audio_frames(len(a), frames) for a in audios], config.encoder_audio_weight, frames)
     if sources.live_teacher is not None:
         topk, target = _live_targets(sources.live_teacher, student_kwargs["input_features"], inputs, config, layers)
     elif sources.teacher is not None:
@@ -339,7 +342,7 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
     if target is None:
         target = load_encoder_outputs(sources.teacher_states, batch).to(device, torch.float32)
     student = layer_states(out.encoder_hidden_states) if layers else out.encoder_last_hidden_state
-    enc = encoder_distillation(student, target) / config.batch_size
+    enc = encoder_distillation(student, target, weights) / config.batch_size
     return loss + config.encoder_weight * enc, ce, kd, enc
 
 
