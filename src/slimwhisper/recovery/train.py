@@ -326,8 +326,10 @@ def _micro_step(model, batch: list[TrainItem], sources: _Sources, config: Finetu
         audios = [_channel(load_sample_audio(it.sample, on_long="error"), config, draw)
                   for it, draw in zip(batch, draws)]
         student_kwargs = {"input_features": log_mel(sources.feature_extractor, audios, device, torch.float32)}
-        frames = student_kwargs["input_features"].shape[-1] // 2  # the encoder halves the mel frames
-        weights = frame_weights([audio_frames(len(a), frames) for a in audios], config.encoder_audio_weight, frames)
+        if config.encoder_weight > 0:
+            frames = student_kwargs["input_features"].shape[-1] // 2  # the encoder halves the mel frames
+            weights = frame_weights([audio_frames(len(a), frames) for a in audios], config.encoder_audio_weight,
+                                    frames)
     if sources.live_teacher is not None:
         topk, target = _live_targets(sources.live_teacher, student_kwargs["input_features"], inputs, config, layers)
     elif sources.teacher is not None:
