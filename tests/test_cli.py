@@ -172,6 +172,9 @@ def test_real_tiny_en_cli_compress_info_and_reload(capsys, tmp_path):
     info = json.loads(capsys.readouterr().out)
     assert info["encoder_params"]["compressed"] < info["encoder_params"]["original"]
     assert info["lowrank"]["ranks"] and all(k % 16 == 0 for k in info["lowrank"]["ranks"].values())
+    assert main(["info", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]  # fc1 was not a target, so it stays dense
+    assert line.startswith("  low-rank encoder: q_proj") and "fc1 dense" in line and "of the linear FLOPs" in line
     model = sw.SlimWhisperForConditionalGeneration.from_pretrained(out)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     out2 = tmp_path / "tiny-lr-again"

@@ -152,7 +152,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  self-attention KV cache: {kv['original']} -> {kv['converted']} bytes/token (fp16)")
         print(f"  cross-attention KV cache: {cross['original']} -> {cross['converted']} bytes/utterance (fp16)")
         print(f"  parameters: {summary['parameters']['original']} -> {summary['parameters']['converted']}")
+        if summary["lowrank"]:
+            print(f"  low-rank encoder: {_lowrank_line(summary)}")
     return 0
+
+
+def _lowrank_line(summary: dict) -> str:
+    """The encoder's ranks per linear, its parameters and the share of linear FLOPs kept."""
+    from .info import rank_summary
+    from .lowrank.config import TARGETS
+
+    lowrank, params = summary["lowrank"], summary["encoder_params"]
+    targets = tuple(dict.fromkeys((*TARGETS, *((lowrank.get("recipe") or {}).get("targets") or ()))))
+    line = f"{rank_summary(lowrank['ranks'], summary['encoder_layers'], targets)}; " \
+           f"parameters {params['original']} -> {params['compressed']}"
+    if lowrank.get("linear_flops_kept") is not None:
+        line += f", {lowrank['linear_flops_kept']:.3f} of the linear FLOPs"
+    return line
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

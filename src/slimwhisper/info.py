@@ -1,6 +1,7 @@
 """What a (compressed) model is: recipe, geometry, cache bytes and parameter counts, from its config."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -84,3 +85,21 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         "compression_format_version": compression.get("format_version"),
         "source": getattr(config, "slimwhisper_source", None),
     }
+
+
+def rank_summary(ranks: dict[str, int], layers: int, targets: Sequence[str]) -> str:
+    """One line for the low-rank encoder: each target linear's rank over the layers ("96", "64-128", "dense";
+    with "dense in k of n layers" where some stayed dense), neighbours with the same text joined."""
+    parts: list[tuple[list[str], str]] = []
+    for target in targets:
+        kept = [ranks[f"model.encoder.layers.{i}.{target}"] for i in range(layers)
+                if f"model.encoder.layers.{i}.{target}" in ranks]
+        text = "dense" if not kept else str(min(kept)) if min(kept) == max(kept) else f"{min(kept)}-{max(kept)}"
+        if kept and len(kept) < layers:
+            text += f", dense in {layers - len(kept)} of {layers} layers"
+        short = target.rsplit(".", 1)[-1]
+        if parts and parts[-1][1] == text:
+            parts[-1][0].append(short)
+        else:
+            parts.append(([short], text))
+    return " · ".join(f"{', '.join(names)} {text}" for names, text in parts)

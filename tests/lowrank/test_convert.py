@@ -199,3 +199,16 @@ def test_roles_allocation_shares_ranks_by_role_and_errs_less_than_one_rank_for_a
     slim.save_pretrained(tmp_path / "m")
     again = sw.SlimWhisperForConditionalGeneration.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(logits(again, features), logits(slim, features))
+
+
+def test_info_line_names_each_linears_rank():
+    from slimwhisper.info import rank_summary
+    from slimwhisper.lowrank.config import TARGETS
+
+    def at(target: str, *ranks: int) -> dict[str, int]:
+        return {f"model.encoder.layers.{i}.{target}": r for i, r in enumerate(ranks) if r}
+
+    ranks = {**at("self_attn.q_proj", 96, 96), **at("self_attn.k_proj", 96, 96), **at("fc1", 160, 128),
+             **at("fc2", 64, 0)}
+    assert rank_summary(ranks, 2, TARGETS) == \
+        "q_proj, k_proj 96 · v_proj, out_proj dense · fc1 128-160 · fc2 64, dense in 1 of 2 layers"
