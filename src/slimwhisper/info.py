@@ -92,8 +92,8 @@ def rank_summary(ranks: dict[str, int], layers: int, targets: Sequence[str]) -> 
     with "dense in k of n layers" where some stayed dense), neighbours with the same text joined."""
     parts: list[tuple[list[str], str]] = []
     for target in targets:
-        kept = [ranks[f"model.encoder.layers.{i}.{target}"] for i in range(layers)
-                if f"model.encoder.layers.{i}.{target}" in ranks]
+        names = (f"model.encoder.layers.{i}.{target}" for i in range(layers))
+        kept = [ranks[name] for name in names if name in ranks]
         text = "dense" if not kept else str(min(kept)) if min(kept) == max(kept) else f"{min(kept)}-{max(kept)}"
         if kept and len(kept) < layers:
             text += f", dense in {layers - len(kept)} of {layers} layers"

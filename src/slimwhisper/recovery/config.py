@@ -38,10 +38,6 @@ LOWRANK_ENCODER_RECIPE = {"encoder_weight": 1.0, "steps": 100}
 # 30-s window alike in encoder distillation.
 RECORDED_BEFORE = {"embeddings": True, "encoder_audio_weight": None}
 
-# The audio frames' share of each padded window in encoder distillation: the share the low-rank
-# calibration gives them, so recovery fits the frames the factors were chosen for.
-ENCODER_AUDIO_WEIGHT = AUDIO_WEIGHT
-
 
 @dataclass(frozen=True)
 class FinetuneConfig(Recipe):
@@ -118,7 +114,7 @@ class FinetuneConfig(Recipe):
     kd_weight: float = 1.0
     encoder_weight: float = 0.0
     encoder_layers: str = "final"
-    encoder_audio_weight: float | None = ENCODER_AUDIO_WEIGHT
+    encoder_audio_weight: float | None = AUDIO_WEIGHT  # the calibration's share: fit the frames the factors fit
     augment: float = 0.0
     temperature: float = 1.0
     kd_top_k: int = 64
