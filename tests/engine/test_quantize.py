@@ -11,7 +11,6 @@ from slimwhisper.engine.quantize import (
     direct_call,
     is_quantized_linear,
     quantize_dynamic_int8,
-    quantize_linear_int8,
     stack_int8_rows,
 )
 from slimwhisper.lowrank import LowRankConfig, LowRankLinear
@@ -34,8 +33,8 @@ def test_direct_int8_calls_give_the_modules_results_bitwise():
     float_linears = [torch.nn.Linear(16, n, bias=b) for n, b in ((8, False), (12, True), (8, True))]
     for lin in float_linears:
         torch.nn.init.normal_(lin.weight, generator=gen)
-    per_tensor = quantize_dynamic_int8(torch.nn.Sequential(*[torch.nn.Sequential(m) for m in float_linears]))
-    modules = [per_tensor[i][0] for i in range(3)] + [quantize_linear_int8(float_linears[1])]  # last: per row
+    per_row = quantize_dynamic_int8(torch.nn.Sequential(*[torch.nn.Sequential(m) for m in float_linears]))
+    modules = [per_row[i][0] for i in range(3)] + [per_tensor_int8(float_linears[1])]  # last: one scale
     x = torch.randn(2, 5, 16, generator=gen) * 3
     with torch.inference_mode():
         for m in modules:
@@ -44,6 +43,33 @@ def test_direct_int8_calls_give_the_modules_results_bitwise():
         stacked = stack_int8_rows(modules)
         assert torch.equal(stacked(x), torch.cat([m(x) for m in modules], dim=-1))
     assert stack_int8_rows([modules[0], float_linears[1]]) is None and stack_int8_rows([]) is None
+
+
+def per_tensor_int8(linear: torch.nn.Linear) -> torch.nn.Module:
+    """torch's default dynamic int8 linear: one weight scale for the whole matrix."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(torch.nn.Sequential(linear), dtype=torch.qint8, inplace=False)[0]
+
+
+def test_int8_weights_have_a_scale_per_row_so_rows_of_small_weights_keep_their_precision():
+    """A linear whose rows differ in size (as a low-rank `down` half's do, along the principal directions):
+    with one scale per row, the small rows' outputs are as exact as the large rows'; with one scale for the
+    matrix they round to a few levels."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 64, generator=gen) * torch.logspace(0, -3, 16)[:, None])
+    q = quantize_dynamic_int8(torch.nn.Sequential(linear))[0]
+    weight = q.weight()
+    assert weight.qscheme() == torch.per_channel_affine and weight.q_per_channel_axis() == 0
+    x = torch.randn(32, 64, generator=gen)
+    with torch.inference_mode():
+        ref = linear(x) - linear.bias
+        rel = ((q(x) - linear.bias - ref).norm(dim=0) / ref.norm(dim=0))
+        rel_tensor = ((per_tensor_int8(linear)(x) - linear.bias - ref).norm(dim=0) / ref.norm(dim=0))
+    assert rel.max() < 0.05  # every row alike, the smallest included (the activations round too)
+    assert rel_tensor[-1] > 10 * rel[-1]  # one scale for all: the smallest row loses its precision
 
 
 def test_lowrank_encoder_int8_quantises_the_down_halves_and_stays_close_to_fp32(tiny_model, encoder_stats):

@@ -40,6 +40,9 @@ def float_linears(model: nn.Module) -> set[str]:
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` whose nn.Linear layers run int8 weights with dynamically quantised activations.
 
+    Each weight row (output channel) has its own scale, as CTranslate2's int8 has: one scale per matrix
+    lets the row with the largest weight set the step for all, and the rows of small weights (in a
+    low-rank `down` half, the later principal directions) keep only a few levels.
     CPU only (torch's dynamic quantisation kernels). Some linears stay float: see `float_linears`.
     """
     if next(model.parameters()).device.type != "cpu":
@@ -53,9 +56,10 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         # torch.ao's eager dynamic quantisation is deprecated in favour of torchao; it still works in the pinned
         # torch, and its deprecation notices are not something our users can act on
         warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        return quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=False)
+        spec = dict.fromkeys(targets, per_channel_dynamic_qconfig)
+        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=False)
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -132,14 +136,8 @@ def float_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_linear_int8(linear: nn.Linear) -> nn.Module:
-    """One float linear as a dynamic int8 linear with a scale per output row (rows of fused projections differ)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        wrapped = quantize_dynamic(nn.Sequential(linear), qconfig_spec={nn.Linear: per_channel_dynamic_qconfig},
-                                   dtype=torch.qint8, inplace=False)
-    return wrapped[0]
+    """One float linear as a dynamic int8 linear (a scale per output row, as every int8 linear here)."""
+    return quantize_dynamic_int8(nn.Sequential(linear))[0]
 
 
 def quantize(model: nn.Module, method: str | None) -> nn.Module:
