@@ -8,7 +8,9 @@ step runs as few passes as it can.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -36,8 +38,12 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=BIG)
-def big(request, tmp_path_factory, clip) -> dict:
-    """The geometry's random model folder, its loaded model and features, and its logits on one prompt."""
+def big(request, tmp_path_factory, clip) -> Iterator[dict]:
+    """The geometry's random model folder, its loaded model and features, and its logits on one prompt.
+
+    A geometry's folders take up to 2 GB (large-v3's embedding alone is 265 MB in fp32): they go as soon as
+    its tests are done, so a run never holds more than one geometry on disk.
+    """
     name = request.param
     root = tmp_path_factory.mktemp(name)
     folder = random_model(name, root / "model", layers=1, seed=0)
@@ -47,8 +53,9 @@ def big(request, tmp_path_factory, clip) -> dict:
     gc = model.generation_config
     prompt = torch.tensor([[gc.decoder_start_token_id, gc.lang_to_id["<|en|>"], gc.task_to_id["transcribe"],
                             gc.no_timestamps_token_id]])
-    return {"name": name, "root": root, "folder": folder, "model": model, "processor": processor,
-            "features": features, "prompt": prompt, "logits": logits(model, features, prompt)}
+    yield {"name": name, "root": root, "folder": folder, "model": model, "processor": processor,
+           "features": features, "prompt": prompt, "logits": logits(model, features, prompt)}
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def logits(model, features: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
@@ -79,6 +86,7 @@ def test_convert_all_mla_modules_at_full_rank_keeps_logits(big, clip):
     run_cli("convert", str(big["folder"]), "--modules", "decoder_self,decoder_cross,encoder_self",
             "--factorization", "joint", "--out", str(out), "--device", "cpu", "--quiet")
     slim, _ = sw.load(out)  # strict: every saved tensor has its place
+    shutil.rmtree(out)  # loaded: the folder is no longer needed
     kinds = slim.config.compression["mla"]["layers"]
     assert len(kinds) == 3
     got = logits(slim, big["features"], big["prompt"])
@@ -109,6 +117,7 @@ def test_compress_encoder_save_load_and_lite_whisper(big, clip):
     want = slim.state_dict()
     assert back.state_dict().keys() == want.keys()
     assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+    shutil.rmtree(lite)
     big["lowrank"] = (slim, processor)
 
 
