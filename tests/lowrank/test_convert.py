@@ -71,15 +71,16 @@ def test_probed_error_is_the_factorised_linears_error(encoder_stats):
     import copy
 
     from conftest import calib_audio, tiny_whisper
-    from slimwhisper.lowrank.calibrate import probe_errors, probe_features
+    from slimwhisper.lowrank.calibrate import probe_errors, probe_windows
     from slimwhisper.lowrank.convert import find_linears
     from slimwhisper.lowrank.math import pca_factors, probe_ranks
 
     model = tiny_whisper().eval()
     name = "model.encoder.layers.0.fc1"
     linears = {name: find_linears(model, ("fc1",))[name]}
-    features = probe_features(model, calib_audio(), windows=2)
+    features, weights = probe_windows(model, calib_audio(), 2, 0.8)
     errors = probe_errors(model, linears, encoder_stats, features, granule=8, progress=False)
+    weighed = probe_errors(model, linears, encoder_stats, features, granule=8, progress=False, weights=weights)
     d_in, d_out = linears[name].in_features, linears[name].out_features
     assert sorted(errors[name]) == probe_ranks(d_in, d_out, 8)
     k = probe_ranks(d_in, d_out, 8)[1]
@@ -97,6 +98,10 @@ def test_probed_error_is_the_factorised_linears_error(encoder_stats):
         out = factored.get_encoder()(features).last_hidden_state.double()
     error = float((out - ref).pow(2).mean() / ref.pow(2).mean())
     assert error > 0 and errors[name][k] == pytest.approx(error, rel=1e-3)
+    # weighted, as the calibration weighs frames: each frame's error and energy count by its weight
+    w = weights.double()[..., None]
+    error = float((w * (out - ref).pow(2)).sum() / (w * ref.pow(2)).sum())
+    assert weighed[name][k] == pytest.approx(error, rel=1e-3) and weighed[name][k] != pytest.approx(errors[name][k])
     # fewer components, more error
     ranks = sorted(errors[name])
     assert errors[name][ranks[0]] > errors[name][ranks[-1]]

@@ -463,19 +463,11 @@ def work_folder_for(out: str | Path) -> Path:
     return out.parent / f".{out.name}.calibration"
 
 
-# Windows of calibration audio the budget allocation probes each linear's sensitivity on.
-PROBE_WINDOWS = 4
-
-
-def probe_features(model: nn.Module, items: list, windows: int = PROBE_WINDOWS) -> torch.Tensor:
-    """Log-mel features [n, n_mels, 3000]: the first 30-s window of `windows` recordings spread evenly over
-    `items` (a manifest sorted by language or speaker still gives a mixed probe)."""
-    return probe_windows(model, items, windows, None)[0]
-
-
 def probe_windows(model: nn.Module, items: list, windows: int,
                   audio_weight: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`probe_features` and the frames' weights [n, frames] under `audio_weight` (None: every frame alike)."""
+    """Log-mel features [n, n_mels, 3000] of the first 30-s window of `windows` recordings spread evenly over
+    `items` (a manifest sorted by language or speaker still gives a mixed probe), and the frames' weights
+    [n, frames] under `audio_weight` (None: every frame alike)."""
     param = next(model.parameters())
     chosen = [items[round(i * len(items) / windows)] for i in range(min(windows, len(items)))]
     firsts = [next(stream_windows([item])) for item in chosen]  # arrays: each is its own single window
@@ -504,9 +496,11 @@ def _tail(encoder: nn.Module, hidden: torch.Tensor, first: int) -> torch.Tensor:
 
 @torch.no_grad()
 def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: EncoderStats, features: torch.Tensor,
-                 granule: int, progress: bool = True) -> dict[str, dict[int, float]]:
+                 granule: int, progress: bool = True,
+                 weights: torch.Tensor | None = None) -> dict[str, dict[int, float]]:
     """Per linear and probed rank k (`math.probe_ranks`): the encoder output's relative squared error when that
-    linear alone keeps k principal components of its outputs (what a rank-k factorisation computes).
+    linear alone keeps k principal components of its outputs (what a rank-k factorisation computes), each
+    frame weighted by `weights` [n, frames] (`probe_windows`; None: every frame alike).
 
     The encoder runs once to record every layer's input, then each probe runs on from the linear's layer.
     Whisper's residual stream carries a few huge activation channels, so a linear's share of its own
@@ -536,7 +530,7 @@ def probe_errors(model: nn.Module, linears: Mapping[str, nn.Linear], stats: Enco
                 output = _tail(encoder, inputs[layer_index(name)], layer_index(name))
             finally:
                 handle.remove()
-            errors[name][k] = weighted_error(output, reference, None)
+            errors[name][k] = weighted_error(output, reference, weights)
         if on_disk:
             stats.forget(name)
     return errors

@@ -25,6 +25,8 @@ ROLES = {"scores": ("self_attn.q_proj", "self_attn.k_proj"), "values": ("self_at
          "mlp": ("fc1", "fc2")}
 # Calibration windows on which the "roles" allocation measures each combination of ranks.
 ROLE_PROBE_WINDOWS = 8
+# Calibration windows on which the "greedy" allocation probes each linear's sensitivity alone.
+PROBE_WINDOWS = 4
 
 # The audio frames' share of each padded calibration window's weight (`LowRankConfig.audio_weight`).
 AUDIO_WEIGHT = 0.8

@@ -38,10 +38,9 @@ from .calibrate import (
     encoder_fingerprint,
     measure_stats,
     probe_errors,
-    probe_features,
     probe_windows,
 )
-from .config import ROLE_PROBE_WINDOWS, ROLES, LowRankConfig
+from .config import PROBE_WINDOWS, ROLE_PROBE_WINDOWS, ROLES, LowRankConfig
 from .math import (
     budget_ranks,
     energy_rank,
@@ -206,8 +205,10 @@ def _allocate(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankCo
         return role_ranks(model, linears, config, stats, audio, limit, progress)
     errors = None
     if config.allocation == "greedy":
-        features = probe_features(model, audio_items(audio, limit))
-        errors = probe_errors(model, linears, stats, features, config.granule, progress)
+        # the same frame weights as the calibration: a 5-s clip's window is mostly padding, which should
+        # not decide which linear keeps its rank
+        features, weights = probe_windows(model, audio_items(audio, limit), PROBE_WINDOWS, config.audio_weight)
+        errors = probe_errors(model, linears, stats, features, config.granule, progress, weights)
     return allocate_budget(linears, config, stats, errors)
 
 
