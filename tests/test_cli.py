@@ -59,6 +59,20 @@ def test_convert_spreads_a_kv_reduction_greedily_unless_told_otherwise(capsys, m
     assert seen == [allocation]
 
 
+def test_a_command_leaves_its_process_group(capsys, tmp_path):
+    """Every command leaves the process group it ran in, also when it fails: exiting with gloo's threads alive
+    can abort a worker of a multi-process run after its work is done."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        code, _, _ = run(capsys, "transcribe", "tiny.en", str(tmp_path / "missing.wav"))
+        assert code == 2 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_unreadable_and_empty_audio_exit_2(capsys, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")

@@ -411,6 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimwhisper: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A process of a multi-process run (accelerate launch, torchrun) leaves its process group before it exits:
+    gloo's worker threads still alive while the interpreter shuts down can abort the process (SIGABRT) after
+    all its work is done, and the launcher then reports the whole run as failed."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
