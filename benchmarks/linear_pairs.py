@@ -20,6 +20,7 @@ from torch import nn
 
 from slimwhisper.bench.common import run_metadata, write_result
 from slimwhisper.lowrank import LowRankLinear
+from slimwhisper.lowrank.math import flops_kept
 
 
 def modules(d_in: int, d_out: int, ranks: list[int], seed: int = 0) -> dict[str, nn.Module]:
@@ -58,8 +59,7 @@ def main() -> None:
     ms = median_ms(mods, torch.randn(args.rows, d_in), args.repeats)
     rows = []
     for name, t in ms.items():
-        k = None if name == "dense" else int(name.split()[1])
-        flops = 1.0 if k is None else k * (d_in + d_out) / (d_in * d_out)
+        flops = flops_kept({name: getattr(mods[name], "rank", None)}, {name: (d_in, d_out)})
         rows.append([name, f"{flops:.2f}", f"{t:.2f}", f"{t / ms['dense']:.2f}"])
         print(rows[-1], flush=True)
     result = {
