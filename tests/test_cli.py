@@ -163,10 +163,13 @@ def test_cli_beams_reach_the_engine(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_bad_input_exit_2(capsys, tmp_path):
-    for argv in (["--theta", "x:y"], ["--theta", "0.9", "--preset", "a"], ["--theta", "1.5"]):
+    for argv in (["--theta", "x:y"], ["--theta", "0.9", "--preset", "a"], ["--theta", "1.5"],
+                 ["--budget", "0.6", "--attention-budget", "1.2"],
+                 ["--budget", "0.6", "--attention-budget", "0.8", "--format", "lite-whisper"]):
         code = main(["compress-encoder", "tiny.en", *argv, "--out", str(tmp_path / "o"), "--quiet"])
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("slimwhisper: error: "), err
+        assert code == 2 and err.startswith("slimwhisper: error: ") and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.real

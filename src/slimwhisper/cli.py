@@ -92,7 +92,8 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     from .loading.processor import save_processor
     from .lowrank import STATS_FILE, LowRankConfig, parse_theta, work_folder_for
 
-    kwargs = {"energy": args.energy, "granule": args.granule, "audio_weight": args.audio_weight}
+    kwargs = {"energy": args.energy, "granule": args.granule, "audio_weight": args.audio_weight,
+              "attention_budget": args.attention_budget}
     if args.targets:
         kwargs["targets"] = _modules(args.targets)
     if args.theta is not None:
@@ -107,6 +108,9 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.theta, args.rank, args.preset, args.budget)) > 1:
         raise SlimWhisperError("give only one of --preset, --theta, --rank, --budget")
     config = LowRankConfig(**kwargs)
+    if args.format == "lite-whisper" and config.attention_budget is not None:
+        raise SlimWhisperError("the lite-whisper layout has no narrowed heads: drop --attention-budget or save in "
+                               "the hf format")
     out = output_folder(args.out, overwrite=args.overwrite, create=False)  # staged_folder makes it at the end
     _check_calibration(args)
     model, processor = load(args.model, device=resolve_device(args.device))
@@ -168,6 +172,9 @@ def _lowrank_line(summary: dict) -> str:
            f"parameters {params['original']} -> {params['compressed']}"
     if lowrank.get("linear_flops_kept") is not None:
         line += f", {lowrank['linear_flops_kept']:.3f} of the linear FLOPs"
+    if lowrank.get("head_dims"):
+        dims = ", ".join(f"{name.split('.')[3]}: {d}" for name, d in lowrank["head_dims"].items())
+        line += f"; head dims by layer {dims}, {lowrank['attention_flops_kept']:.3f} of the attention FLOPs"
     return line
 
 
@@ -321,6 +328,10 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
                    "combination whose encoder output errs least on the calibration audio (roles, default); one "
                    "rank for all linears (uniform); or ranks where the output error, probed one linear at a time, "
                    "grows least per FLOP saved (greedy)")
+    p.add_argument("--attention-budget", type=float, metavar="F",
+                   help="also narrow the heads of encoder self-attention (fewer dimensions per head for scores and "
+                   "values, so the attention over 1500 frames costs less) until the layers keep this share of their "
+                   "head dims (e.g. 0.7), where the encoder output errs least (default: heads stay whole)")
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")

@@ -81,7 +81,9 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         else None,
         "encoder_params": encoder_params,
         "lowrank": {"recipe": lowrank.get("recipe"), "ranks": dict(lowrank.get("layers", {})),
-                    "linear_flops_kept": lowrank.get("linear_flops_kept")} if lowrank else None,
+                    "linear_flops_kept": lowrank.get("linear_flops_kept"),
+                    "head_dims": dict(lowrank.get("head_dims", {})),
+                    "attention_flops_kept": lowrank.get("attention_flops_kept", 1.0)} if lowrank else None,
         "compression_format_version": compression.get("format_version"),
         "source": getattr(config, "slimwhisper_source", None),
     }

@@ -73,6 +73,10 @@ class LowRankConfig(Recipe):
             frames holding audio carry (the padding after them carries the rest), so PCA follows the speech
             rather than the silence that fills most of a short clip's window; None weighs every frame alike
             (LiteASR). 0.8 by default: docs/lowrank.md says how it was chosen.
+        attention_budget: after the linears are factorised, narrow the heads of encoder self-attention (fewer
+            dimensions per head for scores and values) until the layers keep this share (0-1) of their summed
+            head dims, in the layers where the encoder output's error grows least per dimension given up
+            (`heads.py`); None (the default) keeps every head whole. Needs q/k/v among the targets.
         dense_if_no_saving: keep a layer dense when the factorisation is not smaller (always on in
             practice; off only to test exactness of full-rank factorisations).
         version: format version of this recipe.
@@ -88,6 +92,7 @@ class LowRankConfig(Recipe):
     granule: int = 16
     targets: tuple[str, ...] = TARGETS
     audio_weight: float | None = AUDIO_WEIGHT
+    attention_budget: float | None = None
     dense_if_no_saving: bool = True
     version: int = field(default=LOWRANK_FORMAT_VERSION)
     recipe_name = "low-rank recipe"
@@ -144,6 +149,16 @@ class LowRankConfig(Recipe):
             if not 0.0 < self.budget < 1.0:
                 raise SlimWhisperError(f"budget is the share of the encoder's linear FLOPs to keep, in (0, 1), "
                                        f"e.g. 0.6; got {self.budget}")
+
+        if self.attention_budget is not None:
+            object.__setattr__(self, "attention_budget", float(self.attention_budget))
+            if not 0.0 < self.attention_budget < 1.0:
+                raise SlimWhisperError(f"attention budget is the share of the heads' dimensions to keep, in (0, 1), "
+                                       f"e.g. 0.7; got {self.attention_budget}")
+            missing = [t for t in ATTENTION_TARGETS[:3] if t not in self.targets]
+            if missing:
+                raise SlimWhisperError(f"an attention budget needs the statistics of {', '.join(missing)}: keep them "
+                                       f"among the targets")
 
     def theta_for(self, target: str) -> float | None:
         """The threshold for a target name (None in fixed-rank and budget modes)."""

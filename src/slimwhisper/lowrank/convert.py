@@ -7,6 +7,8 @@ all, or greedily by the encoder error each linear's truncation causes on the cal
 computes the factors in float64 (`math.py`), casts them once to the model's dtype, and returns a
 `SlimWhisperForConditionalGeneration` whose config records `compression["lowrank"] = {"recipe": ...,
 "layers": {fqn: rank}, "linear_flops_kept": share}`. Layers that stay dense are absent from "layers".
+With an attention budget the heads of some layers are then narrowed (`heads.py`) and the spec also holds
+"head_dims": {attention fqn: dim} and "attention_flops_kept".
 Other methods' entries (e.g. "mla") are kept.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .calibrate import (
     probe_windows,
 )
 from .config import PROBE_WINDOWS, ROLE_PROBE_WINDOWS, ROLES, LowRankConfig
+from .heads import choose_head_dims, linear_cost, narrowed_state
 from .math import (
     budget_ranks,
     energy_rank,
@@ -324,15 +327,46 @@ def convert_lowrank(
             stats.save(stats_out)
         allocated = _allocate(model, linears, config, stats, calibration, calibration_limit, progress)
         ranks, new_state = _factorise(linears, config, stats, allocated)
-        windows = stats.windows
-    shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
-    spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": windows,
-            "linear_flops_kept": round(flops_kept(ranks, shapes), 6)}
-    return rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(ranks))
+        shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
+        spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": stats.windows,
+                "linear_flops_kept": round(flops_kept(ranks, shapes), 6)}
+        slim = rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(ranks))
+        if config.attention_budget is not None:
+            slim = _narrow(slim, config, stats, shapes, calibration, calibration_limit, progress)
+    return slim
+
+
+def _narrow(model: nn.Module, config: LowRankConfig, stats: EncoderStats, shapes: dict[str, tuple[int, int]],
+            calibration: Any, limit: int | None, progress: bool) -> SlimWhisperForConditionalGeneration:
+    """`model` (low-rank) with the heads that `config.attention_budget` narrows (`heads.py`), rebuilt from its
+    config; the spec gains "head_dims" and "attention_flops_kept" and its linear FLOPs are counted anew."""
+    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
+    features, weights = probe_windows(model, audio_items(audio, limit), PROBE_WINDOWS, config.audio_weight)
+    dims = choose_head_dims(model, stats, config.attention_budget, features, weights, config.granule, progress)
+    spec = dict(model.config.compression["lowrank"])
+    ranks, new_state = narrowed_state(model, stats, dims, spec["layers"])
+    layers = model.get_encoder().layers
+    head_dim = layers[0].self_attn.head_dim
+    spec.update(layers=ranks, head_dims=dims,
+                attention_flops_kept=round(sum(dims.get(f"{ENCODER_LAYERS}.{i}.self_attn", head_dim)
+                                               for i in range(len(layers))) / (head_dim * len(layers)), 6))
+    slim = rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(dims))
+    kept = sum(linear_cost(slim.get_submodule(n)) for n in shapes) / sum(i * o for i, o in shapes.values())
+    slim.config.compression["lowrank"]["linear_flops_kept"] = round(kept, 6)
+    return slim
 
 
 def build_geometry(model: nn.Module, spec: dict[str, Any]) -> None:
-    """Swap in uninitialised low-rank modules with the saved ranks (registered as the "lowrank" builder)."""
+    """Swap in uninitialised low-rank modules with the saved head dims and ranks (registered as the "lowrank"
+    builder)."""
+    for name, dim in spec.get("head_dims", {}).items():
+        if not isinstance(dim, int) or dim <= 0:
+            raise SlimWhisperError(f"{name}: head dim must be a positive integer, got {dim!r}")
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        narrowed = WhisperLowRankAttention.like(getattr(parent, attr), {})
+        narrowed.narrow(dim)
+        setattr(parent, attr, narrowed)
     attention: dict[str, dict[str, int]] = {}
     for name, rank in spec.get("layers", {}).items():
         if not isinstance(rank, int) or rank <= 0:

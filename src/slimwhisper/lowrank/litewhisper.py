@@ -44,6 +44,9 @@ def low_rank_config(model: SlimWhisperForConditionalGeneration) -> list[dict[str
 
 def save_lite_whisper(model: SlimWhisperForConditionalGeneration, out_dir: str | Path) -> Path:
     """Write `model` in the lite-whisper layout (config.json, model.safetensors, generation_config.json)."""
+    if (getattr(model.config, "compression", None) or {}).get("lowrank", {}).get("head_dims"):
+        raise SlimWhisperError("the lite-whisper layout has no narrowed heads: save this model in the hf format, or "
+                               "compress without --attention-budget")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lr_config = low_rank_config(model)

@@ -342,3 +342,71 @@ def flops_kept(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]])
     kept = sum(d_in * d_out if ranks.get(n) is None else ranks[n] * (d_in + d_out)
                for n, (d_in, d_out) in shapes.items())
     return kept / dense
+
+
+# Narrow heads: each encoder attention head keeps `dim` < head_dim dimensions for its scores and its values.
+# The score of query q and key k in one head is q·k. For any invertible A, (A q)·(A^-T k) is the same score,
+# so the pair can be rotated and scaled freely; with the heads' second moments M_q = E[q q^T] and M_k
+# = E[k k^T] on calibration audio, the whitened form q^ = M_q^-1/2 q, k^ = M_k^-1/2 k gives q·k = q^T G k^ with
+# G = M_q^1/2 M_k^1/2, and the rank-`dim` SVD of G keeps E[(q·k)^2] closest (queries and keys taken as
+# independent). Values pass through the softmax (rows summing to 1) into the output projection W_o's
+# columns of that head, so a head's output W_o v is kept best by the rank-`dim` SVD of W_o M_v^1/2.
+
+
+def root_pair(moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^1/2, M^-1/2) of a symmetric second moment, its eigenvalues floored at `floor` x the largest (a
+    direction the data never takes would otherwise blow up the inverse)."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    values = values.clamp_min(values.max().clamp_min(1e-300) * floor)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def score_maps(moment_q: torch.Tensor, moment_k: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_q, A_k), each [dim, head_dim]: one head's narrowed query A_q q and key A_k k, whose dot product
+    keeps q·k closest on data with these second moments (exact at dim = head_dim)."""
+    root_q, inv_q = root_pair(moment_q)
+    root_k, inv_k = root_pair(moment_k)
+    u, s, vh = torch.linalg.svd(root_q @ root_k)
+    scale = s[:dim].sqrt()[:, None]
+    return scale * (u[:, :dim].T @ inv_q), scale * (vh[:dim] @ inv_k)
+
+
+def value_maps(w_out: torch.Tensor, moment_v: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_v [dim, head_dim], B_o [d_out, dim]): one head's narrowed value A_v v and the output projection's
+    columns B_o for it, so that B_o A_v v keeps W_o v closest on data with this second moment."""
+    root, inv = root_pair(moment_v)
+    _, _, vh = torch.linalg.svd(w_out.double() @ root)  # all head_dim rows: W_o may have fewer
+    return vh[:dim] @ inv, w_out.double() @ root @ vh[:dim].T
+
+
+def head_dim_options(head_dim: int, granule: int) -> list[int]:
+    """Narrowed head dims, widest first: multiples of `granule` below `head_dim`, down to half of it. Narrower
+    heads were measured to cost far more words than the encoder-output error of a few windows predicts, for
+    little time (docs/lowrank.md, "Narrow heads")."""
+    if head_dim % granule:
+        return []
+    return list(range(head_dim - granule, head_dim // 2 - 1, -granule))
+
+
+def greedy_head_dims(errors: dict[int, dict[int, float]], head_dim: int, budget: float) -> dict[int, int]:
+    """layer -> head dim keeping at most `budget` of the layers' summed head dims (scores and values cost
+    L^2 x head dim), narrowing step by step where the measured error (layer -> {dim: error with that layer
+    alone narrowed}) grows least per dimension given up. Layers not narrowed are left out."""
+    dims = {layer: head_dim for layer in errors}
+    limit = budget * head_dim * len(errors)
+
+    def step(layer: int) -> tuple[float, int] | None:
+        narrower = [d for d in sorted(errors[layer], reverse=True) if d < dims[layer]]
+        if not narrower:
+            return None
+        d = narrower[0]
+        before = errors[layer].get(dims[layer], 0.0)
+        return (errors[layer][d] - before) / (dims[layer] - d), d
+
+    while sum(dims.values()) > limit:
+        steps = {layer: s for layer in dims if (s := step(layer)) is not None}
+        if not steps:
+            break
+        layer = min(steps, key=lambda n: (steps[n][0], n))
+        dims[layer] = steps[layer][1]
+    return {layer: d for layer, d in dims.items() if d < head_dim}

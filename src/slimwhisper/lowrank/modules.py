@@ -5,7 +5,8 @@ PCA-corrected bias. `WhisperLowRankAttention` is a `WhisperAttention` whose proj
 low-rank; for encoder self-attention without mask, cache or recorded weights it computes scores and
 values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and keeps q, k and v
 at one head dim (so the fused SDPA kernel still applies), and otherwise runs the ordinary HF
-attention path (any attention backend). `WhisperLowRankEncoderLayer` is a `WhisperEncoderLayer` whose
+attention path (any attention backend). Its heads may also be narrowed (`narrow`: fewer dimensions per head
+for scores and values, so the L^2 terms shrink too). `WhisperLowRankEncoderLayer` is a `WhisperEncoderLayer` whose
 MLP, when low-rank, runs in row blocks at inference (see its docstring).
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def _has_bias(module: nn.Module) -> bool:
+    return (module.up if isinstance(module, LowRankLinear) else module).bias is not None
+
+
 def _rank(module: nn.Module) -> int | None:
     return module.rank if isinstance(module, LowRankLinear) else None
 
@@ -62,15 +67,28 @@ class WhisperLowRankAttention(WhisperAttention):
             attn.num_heads,
             dropout=attn.dropout,
             is_decoder=attn.is_decoder,
-            bias=attn.v_proj.bias is not None,
+            bias=_has_bias(attn.v_proj),
             is_causal=attn.is_causal,
             layer_idx=attn.layer_idx,
             config=attn.config,
         )
+        if attn.head_dim != new.head_dim:
+            new.narrow(attn.head_dim)
         for name, rank in ranks.items():
             old = getattr(new, name)
             setattr(new, name, LowRankLinear(old.in_features, old.out_features, int(rank)))
         return new
+
+    def narrow(self, head_dim: int) -> None:
+        """Give every head `head_dim` dimensions for scores and values (uninitialised dense projections of the
+        new widths). The scaling stays the original's 1/sqrt(head dim): the narrowed weights keep its scores."""
+        width = self.num_heads * head_dim
+        bias = _has_bias(self.v_proj)
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(self.embed_dim, width, bias=bias)
+        self.k_proj = nn.Linear(self.embed_dim, width, bias=False)
+        self.v_proj = nn.Linear(self.embed_dim, width, bias=bias)
+        self.out_proj = nn.Linear(width, self.embed_dim, bias=bias)
 
     def reduced_plan(self, length: int) -> tuple[bool, bool]:
         """(reduce scores, reduce values) for a sequence of `length` frames."""
