@@ -151,14 +151,18 @@ class LowRankConfig(Recipe):
                                        f"e.g. 0.6; got {self.budget}")
 
         if self.attention_budget is not None:
-            object.__setattr__(self, "attention_budget", float(self.attention_budget))
-            if not 0.0 < self.attention_budget < 1.0:
-                raise SlimWhisperError(f"attention budget is the share of the heads' dimensions to keep, in (0, 1), "
-                                       f"e.g. 0.7; got {self.attention_budget}")
-            missing = [t for t in ATTENTION_TARGETS[:3] if t not in self.targets]
-            if missing:
-                raise SlimWhisperError(f"an attention budget needs the statistics of {', '.join(missing)}: keep them "
-                                       f"among the targets")
+            self._check_attention_budget()
+
+    def _check_attention_budget(self) -> None:
+        """The budget is a share in (0, 1), and narrowing reads the statistics of q, k and v."""
+        object.__setattr__(self, "attention_budget", float(self.attention_budget))
+        if not 0.0 < self.attention_budget < 1.0:
+            raise SlimWhisperError(f"attention budget is the share of the heads' dimensions to keep, in (0, 1), "
+                                   f"e.g. 0.7; got {self.attention_budget}")
+        missing = [t for t in ATTENTION_TARGETS[:3] if t not in self.targets]
+        if missing:
+            raise SlimWhisperError(f"an attention budget needs the statistics of {', '.join(missing)}: keep them "
+                                   f"among the targets")
 
     def theta_for(self, target: str) -> float | None:
         """The threshold for a target name (None in fixed-rank and budget modes)."""

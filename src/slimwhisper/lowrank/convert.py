@@ -203,7 +203,7 @@ def _allocate(model: nn.Module, linears: dict[str, nn.Linear], config: LowRankCo
     probe the calibration audio, or the bundled clips when only statistics were given."""
     if config.budget is None:
         return None
-    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
+    audio = _probe_audio(calibration)
     if config.allocation == "roles":
         return role_ranks(model, linears, config, stats, audio, limit, progress)
     errors = None
@@ -250,6 +250,12 @@ def _stats_for(model: nn.Module, config: LowRankConfig, calibration: Any, work_d
     if _is_stats_file(calibration):
         return nullcontext(_check_stats(model, config, EncoderStats.load(calibration)))
     return _measured(model, calibration, config, work_dir, limit, batch_size, budget_bytes, progress)
+
+
+def _probe_audio(calibration: Any) -> Any:
+    """The audio that probes measure errors on: the calibration audio, or None (the bundled clips) when only
+    statistics were given."""
+    return None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
 
 
 def _is_stats_file(calibration: Any) -> bool:
@@ -340,7 +346,7 @@ def _narrow(model: nn.Module, config: LowRankConfig, stats: EncoderStats, shapes
             calibration: Any, limit: int | None, progress: bool) -> SlimWhisperForConditionalGeneration:
     """`model` (low-rank) with the heads that `config.attention_budget` narrows (`heads.py`), rebuilt from its
     config; the spec gains "head_dims" and "attention_flops_kept" and its linear FLOPs are counted anew."""
-    audio = None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
+    audio = _probe_audio(calibration)
     features, weights = probe_windows(model, audio_items(audio, limit), PROBE_WINDOWS, config.audio_weight)
     dims = choose_head_dims(model, stats, config.attention_budget, features, weights, config.granule, progress)
     spec = dict(model.config.compression["lowrank"])

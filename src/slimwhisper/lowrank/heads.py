@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SlimWhisperError
 from .calibrate import EncoderStats, _layer_inputs, _tail, weighted_error
 from .math import fixed_rank, greedy_head_dims, head_dim_options, score_maps, value_maps
 from .modules import LowRankLinear, WhisperLowRankAttention
@@ -37,11 +36,8 @@ def head_moments(stats: EncoderStats, name: str, heads: int) -> torch.Tensor:
 
 
 def layer_moments(stats: EncoderStats, attention: str, heads: int) -> dict[str, torch.Tensor]:
-    """{"q", "k", "v"}: the per-head moments of one attention's projections (`attention` is its fqn)."""
-    missing = [p for p in PROJECTIONS[:3] if f"{attention}.{p}" not in stats.layers]
-    if missing:
-        raise SlimWhisperError(f"narrowing heads needs calibration statistics of {', '.join(missing)}: keep the "
-                               f"attention projections among the targets")
+    """{"q", "k", "v"}: the per-head moments of one attention's projections (`attention` is its fqn; the recipe
+    keeps q, k and v among the targets and `convert` checks the statistics cover them)."""
     return {p[0]: head_moments(stats, f"{attention}.{p}", heads) for p in PROJECTIONS[:3]}
 
 
