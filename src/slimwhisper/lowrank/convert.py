@@ -6,7 +6,8 @@ linear on calibration audio (layer groups in bounded memory, resumable from a wo
 all, or greedily by the encoder error each linear's truncation causes on the calibration audio),
 computes the factors in float64 (`math.py`), casts them once to the model's dtype, and returns a
 `SlimWhisperForConditionalGeneration` whose config records `compression["lowrank"] = {"recipe": ...,
-"layers": {fqn: rank}, "linear_flops_kept": share}`. Layers that stay dense are absent from "layers".
+"layers": {fqn: rank}, "linear_flops_kept": share}` (and "calibration": the audio's absolute path, when it was
+given as a path). Layers that stay dense are absent from "layers".
 With an attention budget the heads of some layers are then narrowed (`heads.py`) and the spec also holds
 "head_dims": {attention fqn: dim} and "attention_flops_kept".
 Other methods' entries (e.g. "mla") are kept.
@@ -258,6 +259,13 @@ def _probe_audio(calibration: Any) -> Any:
     return None if isinstance(calibration, EncoderStats) or _is_stats_file(calibration) else calibration
 
 
+def _audio_path(calibration: Any) -> str | None:
+    """The absolute path of calibration audio given as one file or folder (None for clips, statistics, bundled)."""
+    if not isinstance(calibration, (str, Path)) or _is_stats_file(calibration):
+        return None
+    return str(Path(calibration).expanduser().resolve())
+
+
 def _is_stats_file(calibration: Any) -> bool:
     return isinstance(calibration, (str, Path)) and (
         str(calibration).endswith(".safetensors") or (Path(calibration) / STATS_FILE).is_file())
@@ -336,6 +344,9 @@ def convert_lowrank(
         shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}
         spec = {"recipe": config.to_dict(), "layers": ranks, "calibration_windows": stats.windows,
                 "linear_flops_kept": round(flops_kept(ranks, shapes), 6)}
+        audio = _audio_path(calibration)
+        if audio is not None:  # `finetune` reads it to check that a recovery brings the model closer on real audio
+            spec["calibration"] = audio
         slim = rebuild(model, {"lowrank": spec}, new_state, replaced=tuple(ranks))
         if config.attention_budget is not None:
             slim = _narrow(slim, config, stats, shapes, calibration, calibration_limit, progress)

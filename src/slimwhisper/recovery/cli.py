@@ -67,6 +67,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISION,
                    help="bf16/fp16 on a GPU (CPU always trains in fp32)")
     p.add_argument("--teacher", help="the uncompressed original (default: the source recorded in the model)")
+    p.add_argument("--validation", default="auto", metavar="DATA", help="real recordings (transcripts not needed) "
+                   "on which each arm is read against the original before and after training; the trained weights "
+                   "are kept only if at least as close there (KL per token). Default auto: a low-rank encoder's "
+                   "recorded calibration audio, when it is still there; none: always keep the trained weights")
     p.add_argument("--cache-dir", help="encoder-output cache (default ~/.cache/slimwhisper/encoder-outputs)")
     add_device(p)
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
@@ -126,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
     train = args.train[0] if len(args.train) == 1 else list(args.train)
     job = RecoveryJob(model=args.model, train=train, out=args.out, config=config, control=args.control,
                       teacher=args.teacher, cache_dir=args.cache_dir, device=_device(args.device),
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      overwrite=args.overwrite, progress=not args.quiet, validation=args.validation)
     record = recover(job)
-    arms = {arm: {k: r[k] for k in ("path", "steps_done", "wall_seconds", "last")} for arm, r in record["arms"].items()}
+    arms = {arm: {k: r[k] for k in ("path", "steps_done", "wall_seconds", "last", "validation")
+                  if k in r} for arm, r in record["arms"].items()}
     if PartialState().is_main_process:  # one summary, not one per process
         print(json.dumps({"out": args.out, "arms": arms}, indent=2))
     return 0

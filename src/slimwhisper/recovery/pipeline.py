@@ -6,6 +6,9 @@ Output directory:
     finetune.json   config, source, teacher, data, steps, wall times (rewritten after each arm)
     loss.png        loss curves of both arms
     work/<arm>/     checkpoint/ and loss.csv; re-running the same command resumes from here
+With validation audio (`--validation`, by default a low-rank encoder's recorded calibration audio) each arm
+is read before and after training (`validate.py`) and saved trained only when it ended at least as close to
+the original there; otherwise the arm is saved as it was before training, and finetune.json says so.
 A finished arm is never retrained; a different recipe in the same directory is an error. Every file is
 written atomically (a temporary name, then one rename), so a run killed at any point leaves no half-written
 file under a final name, and re-running the same command finishes it.
@@ -13,6 +16,7 @@ file under a final name, and re-running the same command finishes it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +29,9 @@ from ..errors import SlimWhisperError
 from ..loading.processor import save_processor
 from .config import RECORDED_BEFORE, FinetuneConfig
 from .train import check_encoder_weight, converted_paths, finetune, on_cpu
+from .validate import ValidationSet, distance, validation_set
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE = "finetune.json"
 ARMS = ("model", "control")
@@ -46,6 +53,7 @@ class RecoveryJob:
     device: str | None = None
     overwrite: bool = False
     progress: bool = True
+    validation: str | None = "auto"  # real audio that decides whether a recovery is kept; see validation_source
 
 
 def recorded(model_path: str, key: str) -> Any:
@@ -55,6 +63,20 @@ def recorded(model_path: str, key: str) -> Any:
     if config.is_file():
         return json.loads(config.read_text()).get(key)
     return None
+
+
+def validation_source(validation: str | None, compression: dict | None) -> tuple[str | None, str]:
+    """The audio that decides whether each arm's training is kept, and why: a path given, or for "auto" the
+    calibration audio a low-rank encoder recorded (when it is still there); None (no check) otherwise."""
+    if validation not in (None, "auto", "none"):
+        if not Path(validation).expanduser().exists():
+            raise SlimWhisperError(f"validation data {validation} does not exist; give a manifest.jsonl or dataset "
+                                   "folder of real recordings, or --validation none")
+        return str(validation), "given"
+    recorded_audio = ((compression or {}).get("lowrank") or {}).get("calibration")
+    if validation == "auto" and recorded_audio and Path(recorded_audio).exists():
+        return recorded_audio, "the low-rank encoder's calibration audio"
+    return None, "none"
 
 
 def load_teacher(source: dict | None, teacher: str | None, device: str | None) -> tuple[Any, Any, dict]:
@@ -162,15 +184,43 @@ def _environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _train_arm(job: RecoveryJob, arm: str, model, processor, teacher, source, paths, out: Path) -> dict:
-    """Train one arm (resuming if possible), save it, return its record."""
+def _train_arm(job: RecoveryJob, arm: str, model, processor, teacher, source, paths, out: Path,
+               validation: ValidationSet | None, untrained: str) -> dict:
+    """Train one arm (resuming if possible), keep it or its untrained state as `validation` says (the untrained
+    arm reloaded from `untrained`), save it, return its record."""
     result = finetune(model, job.train, job.config, processor=processor, teacher=teacher, scope_paths=paths,
                       work_dir=out / "work" / arm, cache_dir=job.cache_dir, device=job.device, progress=job.progress)
+    check = None
+    if validation is not None:
+        model, check = _validated(model, teacher, processor, validation, untrained, arm, job)
     if _is_main():
         if source is not None:
             model.config.slimwhisper_source = source  # the fine-tuned model still names its original
         _save_atomically(model, processor, out / arm)
-    return {**result.to_dict(), "finished": True, "path": str(out / arm)}
+    return {**result.to_dict(), "finished": True, "path": str(out / arm), "validation": check}
+
+
+def _validated(model, teacher, processor, validation: ValidationSet, untrained: str, arm: str,
+               job: RecoveryJob) -> tuple[Any, dict]:
+    """The trained `model`, or a fresh load of `untrained` when that is closer to the original on the validation
+    clips (KL per token), and the record of both readings."""
+    from .. import load
+
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    after = distance(model, teacher, validation, processor.feature_extractor, pad_id)
+    fresh, _ = load(untrained, device=job.device)
+    before = distance(fresh, teacher, validation, processor.feature_extractor, pad_id)
+    kept = "trained" if after["kl_per_token"] <= before["kl_per_token"] else "untrained"
+    if kept == "untrained":
+        model = fresh
+        if _is_main():
+            logger.warning("%s: training moved it away from the original on %s (KL per token %.4f, %.4f before); "
+                           "keeping the untrained weights", arm, validation.source, after["kl_per_token"],
+                           before["kl_per_token"])
+    figures = ("kl_per_token", "top1_agreement", "encoder_error_audio")
+    return model, {"data": validation.source, "clips": len(validation.items), "tokens": validation.tokens,
+                   "before": {k: round(before[k], 6) for k in figures},
+                   "after": {k: round(after[k], 6) for k in figures}, "kept": kept}
 
 
 def _save_atomically(model, processor, target: Path) -> None:
@@ -193,30 +243,42 @@ def recover(job: RecoveryJob) -> dict:
     for source in [job.train] if isinstance(job.train, str) else job.train:
         if not Path(source).expanduser().exists():
             raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")
+    checked, why = validation_source(job.validation, recorded(job.model, "compression"))
     source = recorded(job.model, "slimwhisper_source")
     model, processor = load(job.model, device=job.device)
     paths = converted_paths(model.config)
     check_encoder_weight(config, paths)
     if source is None and not paths:  # an uncompressed model (short name, plain directory) is its own original
         source = model.config.slimwhisper_source
-    need_original = config.needs_teacher or job.control
+    need_original = config.needs_teacher or job.control or checked is not None
     teacher, _, teacher_info = load_teacher(source, job.teacher, job.device) if need_original else (None, None, None)
+    validation = None
+    if checked is not None and any(not record["arms"].get(arm, {}).get("finished") for arm in _arms(job)):
+        validation = validation_set(teacher, processor, checked, config.language, config.max_label_tokens,
+                                    job.cache_dir, progress=job.progress and _is_main())
     out.mkdir(parents=True, exist_ok=True)
-    record.update(source=source, teacher=teacher_info, converted_paths=list(paths), environment=_environment())
+    record.update(source=source, teacher=teacher_info, converted_paths=list(paths), environment=_environment(),
+                  validation={"data": checked, "why": why})
     _write_record(out, record)  # before any training: a run killed in its first arm is recognised and resumed
     started = time.perf_counter()
-    for arm in ARMS if job.control else ARMS[:1]:
+    for arm in _arms(job):
         if record["arms"].get(arm, {}).get("finished") and (out / arm / "config.json").is_file():
             continue
+        untrained = job.model if arm == "model" else teacher_info["name"]
         if arm == "control":
-            model, processor = load(teacher_info["name"], device=job.device)  # a fresh copy of the original
-        record["arms"][arm] = _train_arm(job, arm, model, processor, teacher, source, paths, out)
+            model, processor = load(untrained, device=job.device)  # a fresh copy of the original
+        record["arms"][arm] = _train_arm(job, arm, model, processor, teacher, source, paths, out, validation,
+                                         untrained)
         _write_record(out, record)
         if _is_main():
             write_loss_plot(out)
     record["wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
     _write_record(out, record)
     return record
+
+
+def _arms(job: RecoveryJob) -> tuple[str, ...]:
+    return ARMS if job.control else ARMS[:1]
 
 
 def write_loss_plot(out: Path) -> Path | None:
