@@ -44,6 +44,8 @@ def test_the_original_is_at_zero_distance_and_a_changed_model_is_not(tmp_path):
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     same = distance(teacher, teacher, validation, processor.feature_extractor, pad)
     assert same["kl_per_token"] < 1e-9 and same["top1_agreement"] == 1.0 and same["encoder_error"] == 0.0
+    spread = validation_set(teacher, processor, write_clips(tmp_path / "w", n=5), max_clips=2)
+    assert [it.sample.id for it in spread.items] == ["c0", "c2"]
     student, _ = tiny_pair(False)
     with torch.no_grad():
         student.model.encoder.layers[0].fc1.weight.mul_(3.0)
