@@ -175,6 +175,8 @@ def _lowrank_line(summary: dict) -> str:
     if lowrank.get("head_dims"):
         dims = ", ".join(f"{name.split('.')[3]}: {d}" for name, d in lowrank["head_dims"].items())
         line += f"; head dims by layer {dims}, {lowrank['attention_flops_kept']:.3f} of the attention FLOPs"
+    if lowrank.get("calibration"):
+        line += f"; calibrated on {lowrank['calibration']} (finetune validates on it)"
     return line
 
 

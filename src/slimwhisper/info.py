@@ -83,7 +83,8 @@ def describe(config: WhisperConfig) -> dict[str, Any]:
         "lowrank": {"recipe": lowrank.get("recipe"), "ranks": dict(lowrank.get("layers", {})),
                     "linear_flops_kept": lowrank.get("linear_flops_kept"),
                     "head_dims": dict(lowrank.get("head_dims", {})),
-                    "attention_flops_kept": lowrank.get("attention_flops_kept", 1.0)} if lowrank else None,
+                    "attention_flops_kept": lowrank.get("attention_flops_kept", 1.0),
+                    "calibration": lowrank.get("calibration")} if lowrank else None,
         "compression_format_version": compression.get("format_version"),
         "source": getattr(config, "slimwhisper_source", None),
     }

@@ -91,10 +91,12 @@ def test_statistics_weighted_otherwise_are_refused(tiny_model):
 
 def test_audio_given_as_a_path_is_recorded_for_finetune_to_validate_on(tiny_model, tmp_path):
     from conftest import write_clips
+    from slimwhisper.info import describe
 
     manifest = write_clips(tmp_path / "cal", n=2)
     cfg = LowRankConfig(theta_attn=0.6, theta_mlp=0.7, granule=8)
-    spec = sw.convert(tiny_model, cfg, calibration=str(manifest), progress=False).config.compression["lowrank"]
-    assert spec["calibration"] == str(manifest.resolve())
+    converted = sw.convert(tiny_model, cfg, calibration=str(manifest), progress=False)
+    assert converted.config.compression["lowrank"]["calibration"] == str(manifest.resolve())
+    assert describe(converted.config)["lowrank"]["calibration"] == str(manifest.resolve())  # `info` shows it
     in_memory = sw.convert(tiny_model, cfg, calibration=calib_audio(), progress=False)
     assert "calibration" not in in_memory.config.compression["lowrank"]
