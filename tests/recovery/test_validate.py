@@ -100,3 +100,21 @@ def test_a_missing_validation_set_is_one_line(capsys, tmp_path):
     code, _, err = cli(capsys, "finetune", str(slim_dir), "--train", str(write_clips(tmp_path / "t", n=2)), "--out",
                        str(tmp_path / "o"), "--validation", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "validation data" in err and "Traceback" not in err
+
+
+def test_recorded_calibration_that_is_not_a_dataset_turns_the_check_off(capsys, caplog, tmp_path):
+    """A model calibrated on one audio file still fine-tunes: the check is skipped, with a warning."""
+    _, slim_dir = saved_pair(tmp_path)
+    one_file = write_clips(tmp_path / "one", n=1).parent / "c0.wav"
+    config = json.loads((slim_dir / "config.json").read_text())
+    config["compression"]["lowrank"] = {"calibration": str(one_file)}  # only the record matters here
+    (slim_dir / "config.json").write_text(json.dumps(config))
+    # --encoder-weight 0: the MLA model has no low-rank encoder to distil, whatever its record says
+    argv = ["finetune", str(slim_dir), "--train", str(write_clips(tmp_path / "t", n=2)), "--out", str(tmp_path / "o"),
+            "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--encoder-weight", "0", "--quiet"]
+    code, text, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(text)["arms"]["model"]["validation"] is None
+    assert "cannot serve as validation data" in caplog.text
+    assert json.loads((tmp_path / "o" / "finetune.json").read_text())["validation"]["data"] is None

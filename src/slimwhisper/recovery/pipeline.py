@@ -254,8 +254,7 @@ def recover(job: RecoveryJob) -> dict:
     teacher, _, teacher_info = load_teacher(source, job.teacher, job.device) if need_original else (None, None, None)
     validation = None
     if checked is not None and any(not record["arms"].get(arm, {}).get("finished") for arm in _arms(job)):
-        validation = validation_set(teacher, processor, checked, config.language, config.max_label_tokens,
-                                    job.cache_dir, progress=job.progress and _is_main())
+        validation, checked, why = _validation_set(job, teacher, processor, checked, why)
     out.mkdir(parents=True, exist_ok=True)
     record.update(source=source, teacher=teacher_info, converted_paths=list(paths), environment=_environment(),
                   validation={"data": checked, "why": why})
@@ -275,6 +274,24 @@ def recover(job: RecoveryJob) -> dict:
     record["wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
     _write_record(out, record)
     return record
+
+
+def _validation_set(job: RecoveryJob, teacher, processor, checked: str,
+                    why: str) -> tuple[ValidationSet | None, str | None, str]:
+    """The validation clips of `checked`, with its record entries. Audio the user named must be readable; recorded
+    calibration audio that is not (one audio file, or no clip of at most 30 s) only turns the check off."""
+    config = job.config
+    try:
+        found = validation_set(teacher, processor, checked, config.language, config.max_label_tokens, job.cache_dir,
+                               progress=job.progress and _is_main())
+    except SlimWhisperError as error:
+        if why == "given":
+            raise
+        if _is_main():
+            logger.warning("the recorded calibration audio cannot serve as validation data (%s); training without the "
+                           "check, pass --validation DATA to have one", error)
+        return None, None, f"none ({why} is not a dataset of clips)"
+    return found, checked, why
 
 
 def _arms(job: RecoveryJob) -> tuple[str, ...]:
