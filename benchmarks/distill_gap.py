@@ -21,7 +21,7 @@ import argparse
 
 import slimwhisper as sw
 from slimwhisper.bench.common import run_metadata, write_result
-from slimwhisper.recovery.validate import distance, validation_set
+from slimwhisper.recovery.validate import distances, validation_set
 
 
 def main() -> None:
@@ -37,11 +37,10 @@ def main() -> None:
     teacher.eval()
     validation = validation_set(teacher, processor, args.data, args.language)
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    labels = [spec.partition("=")[0] for spec in args.models]
+    models = [sw.load(spec.partition("=")[2] or spec)[0] for spec in args.models]
     rows = []
-    for spec in args.models:
-        label, _, path = spec.partition("=")
-        model, _ = sw.load(path or label)
-        figures = distance(model, teacher, validation, processor.feature_extractor, pad_id)
+    for label, figures in zip(labels, distances(models, teacher, validation, processor.feature_extractor, pad_id)):
         rows.append([label, f"{figures['kl_per_token']:.4f}", f"{100 * figures['top1_agreement']:.2f}",
                      *(f"{figures[k]:.4f}" for k in ("encoder_error", "encoder_error_audio", "encoder_error_padding"))])
         print(rows[-1], flush=True)

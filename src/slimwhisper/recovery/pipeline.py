@@ -29,7 +29,7 @@ from ..errors import SlimWhisperError
 from ..loading.processor import save_processor
 from .config import RECORDED_BEFORE, FinetuneConfig
 from .train import check_encoder_weight, converted_paths, finetune, on_cpu
-from .validate import ValidationSet, distance, validation_set
+from .validate import ValidationSet, distances, validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +207,8 @@ def _validated(model, teacher, processor, validation: ValidationSet, untrained: 
     from .. import load
 
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    after = distance(model, teacher, validation, processor.feature_extractor, pad_id)
     fresh, _ = load(untrained, device=job.device)
-    before = distance(fresh, teacher, validation, processor.feature_extractor, pad_id)
+    after, before = distances([model, fresh], teacher, validation, processor.feature_extractor, pad_id)
     kept = "trained" if after["kl_per_token"] <= before["kl_per_token"] else "untrained"
     if kept == "untrained":
         model = fresh

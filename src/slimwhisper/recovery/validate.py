@@ -93,32 +93,46 @@ def _encode(model: nn.Module, feature_extractor: Any, audios: list) -> torch.Ten
     return model.get_encoder()(log_mel(feature_extractor, audios, param.device, param.dtype)).last_hidden_state
 
 
-@torch.inference_mode()
 def distance(model: nn.Module, teacher: nn.Module, validation: ValidationSet, feature_extractor: Any,
              pad_id: int) -> dict[str, float]:
-    """Mean KL per token and top-1 agreement of `model` against `teacher` on the validation clips, and the mean
-    encoder gaps (`encoder_gap`); both models run in eval mode, each on its own encoder's output."""
-    was = model.training, teacher.training
-    model.eval(), teacher.eval()
-    kl = agree = positions = 0
-    gaps: list[torch.Tensor] = []
+    """`distances` of one model."""
+    return distances([model], teacher, validation, feature_extractor, pad_id)[0]
+
+
+@torch.inference_mode()
+def distances(models: Sequence[nn.Module], teacher: nn.Module, validation: ValidationSet, feature_extractor: Any,
+              pad_id: int) -> list[dict[str, float]]:
+    """Per model: the mean KL per token and top-1 agreement against `teacher` on the validation clips, and the mean
+    encoder gaps (`encoder_gap`). Every model runs in eval mode on its own encoder's output; each batch's audio is
+    decoded and the teacher run once for all of them."""
+    was = [m.training for m in models], teacher.training
+    for m in (*models, teacher):
+        m.eval()
+    sums = [[0.0, 0, 0] for _ in models]  # KL, agreements, positions
+    gaps: list[list[torch.Tensor]] = [[] for _ in models]
     try:
         for start in range(0, len(validation.items), BATCH):
             chunk = validation.items[start : start + BATCH]
             audios = [load_sample_audio(it.sample) for it in chunk]
-            t_hidden = _encode(teacher, feature_extractor, audios)
-            s_hidden = _encode(model, feature_extractor, audios)
-            gaps.append(encoder_gap(s_hidden.float().cpu(), t_hidden.float().cpu(),
-                                    validation.audio[start : start + BATCH]))
             inputs, labels = collate(chunk, pad_id)
+            t_hidden = _encode(teacher, feature_extractor, audios)
             t = teacher(encoder_outputs=BaseModelOutput(last_hidden_state=t_hidden),
-                        decoder_input_ids=inputs.to(t_hidden.device)).logits
-            s = model(encoder_outputs=BaseModelOutput(last_hidden_state=s_hidden),
-                      decoder_input_ids=inputs.to(s_hidden.device)).logits
-            part = token_gap(s.cpu(), t.cpu(), labels)
-            kl, agree, positions = kl + part[0], agree + part[1], positions + part[2]
+                        decoder_input_ids=inputs.to(t_hidden.device)).logits.cpu()
+            for i, model in enumerate(models):
+                s_hidden = _encode(model, feature_extractor, audios)
+                gaps[i].append(encoder_gap(s_hidden.float().cpu(), t_hidden.float().cpu(),
+                                           validation.audio[start : start + BATCH]))
+                s = model(encoder_outputs=BaseModelOutput(last_hidden_state=s_hidden),
+                          decoder_input_ids=inputs.to(s_hidden.device)).logits
+                sums[i] = [a + b for a, b in zip(sums[i], token_gap(s.cpu(), t, labels), strict=True)]
     finally:
-        model.train(was[0]), teacher.train(was[1])
-    means = torch.cat(gaps).mean(0).tolist()
+        for m, mode in zip(models, was[0], strict=True):
+            m.train(mode)
+        teacher.train(was[1])
+    return [_figures(total, torch.cat(gap).mean(0).tolist()) for total, gap in zip(sums, gaps, strict=True)]
+
+
+def _figures(total: Sequence, gaps: Sequence[float]) -> dict[str, float]:
+    kl, agree, positions = total
     return {"kl_per_token": kl / max(positions, 1), "top1_agreement": agree / max(positions, 1), "tokens": positions,
-            **dict(zip(("encoder_error", "encoder_error_audio", "encoder_error_padding"), means, strict=True))}
+            **dict(zip(("encoder_error", "encoder_error_audio", "encoder_error_padding"), gaps, strict=True))}
