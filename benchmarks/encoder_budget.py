@@ -82,6 +82,8 @@ def main() -> None:
                    help="budgets to fine-tune (the first of --allocations)")
     p.add_argument("--calibration", required=True)
     p.add_argument("--audio-weight", default="0.8", help="compress-encoder --audio-weight (none: every frame alike)")
+    p.add_argument("--attention-budget", default="auto",
+                   help="compress-encoder --attention-budget (default: its default; none: heads stay whole)")
     p.add_argument("--train", help="training data for --recover")
     p.add_argument("--data", required=True, help="evaluation data (a manifest)")
     p.add_argument("--language", help="evaluate only this language")
@@ -99,7 +101,7 @@ def main() -> None:
             model = str(here / "L")
             made = once(here / "compress.json", "compress-encoder", args.model, "--budget", str(budget), "--allocation",
                         allocation, "--calibration", args.calibration, "--audio-weight", args.audio_weight,
-                        "--out", model, "--quiet")
+                        "--attention-budget", args.attention_budget, "--out", model, "--quiet")
             flops = made["linear_flops_kept"]
             summary = evaluate(model, args.model, here / "eval", args)
             rows.append(row(f"{allocation}, no fine-tuning", budget, flops, summary,

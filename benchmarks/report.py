@@ -140,7 +140,9 @@ def render_encoder(name: str, r: dict) -> str:
     rows = [[f"`{k}`", num(ms, 1), num(speed.get(k), 2), num(bound.get(k), 2), num(ratio.get(k), 3), *roofline(k)]
             for k, ms in r["ms_per_pass"].items()]
     precision = "int8 linears" if r.get("quantize") == "int8" else "float32"
-    out = f"batch {r.get('batch')}, {precision} (`{name}`).\n\n" + table(
+    path = r.get("attention_path", "auto")
+    path = "" if path == "auto" else f", the model's low-rank attention on the {path} path"
+    out = f"batch {r.get('batch')}, {precision}{path} (`{name}`).\n\n" + table(
         ["model", "ms per pass", "speedup vs baseline", "roofline speed-up", "encoder params vs baseline", "GFLOP",
          "GFLOP/s", "roofline ms", "of roofline"], rows)
     profile = r.get("profile")

@@ -172,6 +172,36 @@ def test_cli_bad_input_exit_2(capsys, tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_budget_narrows_heads_by_default_where_it_can(monkeypatch, capsys, tmp_path):
+    """--budget alone narrows heads to BUDGET_HEADS; none or 1 keeps them whole; so do the lite-whisper layout, targets
+    without q/k/v, and the other rank rules."""
+    from slimwhisper.errors import SlimWhisperError
+    from slimwhisper.lowrank.config import BUDGET_HEADS
+
+    seen = []
+
+    def stop(model, config, **kwargs):
+        seen.append(config.attention_budget)
+        raise SlimWhisperError("stopped")
+
+    monkeypatch.setattr(sw, "load", lambda name, device=None: (None, None))
+    monkeypatch.setattr(sw, "convert", stop)
+    cases = {(): BUDGET_HEADS, ("--attention-budget", "0.8"): 0.8, ("--attention-budget", "none"): None,
+             ("--attention-budget", "1"): None, ("--format", "lite-whisper"): None,
+             ("--targets", "fc1", "fc2"): None, ("--attention-budget", "auto"): BUDGET_HEADS}
+    for extra, expected in cases.items():
+        seen.clear()
+        assert main(["compress-encoder", "tiny.en", "--budget", "0.6", *extra, "--out", str(tmp_path / "o"),
+                     "--quiet"]) == 2
+        assert seen == [expected], extra
+    seen.clear()
+    assert main(["compress-encoder", "tiny.en", "--rank", "8", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert seen == [None]
+    with pytest.raises(SystemExit):
+        main(["compress-encoder", "tiny.en", "--budget", "0.6", "--attention-budget", "wide", "--out", str(tmp_path)])
+    assert "none or auto" in capsys.readouterr().err
+
+
 @pytest.mark.real
 def test_real_tiny_en_cli_compress_info_and_reload(capsys, tmp_path):
     """tiny.en, preset b on 2 bundled clips: smaller encoder, info lists ranks, reload is strict, stats reused.

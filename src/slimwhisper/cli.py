@@ -86,16 +86,40 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention_budget(args: argparse.Namespace, targets: tuple[str, ...]) -> float | None:
+    """--attention-budget as a share of head dims, or None for whole heads. Not given, a --budget run in the hf
+    layout narrows to `BUDGET_HEADS` when it gathers what narrowing reads (q, k and v); anything else keeps
+    whole heads."""
+    from .lowrank.config import ATTENTION_TARGETS, BUDGET_HEADS
+
+    if args.attention_budget != "auto":
+        return None if args.attention_budget in (None, 1.0) else args.attention_budget
+    narrowable = all(t in targets for t in ATTENTION_TARGETS[:3])
+    return BUDGET_HEADS if args.budget is not None and args.format == "hf" and narrowable else None
+
+
+def head_share(text: str) -> float | str | None:
+    """argparse type of --attention-budget: a number (a share in (0, 1]; `LowRankConfig` checks the range),
+    "none" (whole heads, as 1) or "auto"."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a share such as 0.8, none or auto; got {text!r}") from None
+
+
 def cmd_compress_encoder(args: argparse.Namespace) -> int:
     from . import convert, load
     from .info import describe
     from .loading.processor import save_processor
     from .lowrank import STATS_FILE, LowRankConfig, parse_theta, work_folder_for
+    from .lowrank.config import TARGETS
 
-    kwargs = {"energy": args.energy, "granule": args.granule, "audio_weight": args.audio_weight,
-              "attention_budget": args.attention_budget}
+    kwargs = {"energy": args.energy, "granule": args.granule, "audio_weight": args.audio_weight}
     if args.targets:
         kwargs["targets"] = _modules(args.targets)
+    kwargs["attention_budget"] = _attention_budget(args, kwargs.get("targets", TARGETS))
     if args.theta is not None:
         kwargs["theta_attn"], kwargs["theta_mlp"] = parse_theta(args.theta)
     elif args.rank is not None:
@@ -316,7 +340,7 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
     """`compress-encoder`: low-rank encoder linears (LiteASR)."""
-    from .lowrank.config import ALLOCATIONS, AUDIO_WEIGHT
+    from .lowrank.config import ALLOCATIONS, AUDIO_WEIGHT, BUDGET_HEADS
 
     p = sub.add_parser("compress-encoder", help="low-rank encoder by activation PCA (LiteASR)")
     add_model(p)
@@ -330,10 +354,11 @@ def _add_compress_encoder_parser(sub: argparse._SubParsersAction) -> None:
                    "combination whose encoder output errs least on the calibration audio (roles, default); one "
                    "rank for all linears (uniform); or ranks where the output error, probed one linear at a time, "
                    "grows least per FLOP saved (greedy)")
-    p.add_argument("--attention-budget", type=float, metavar="F",
+    p.add_argument("--attention-budget", type=head_share, default="auto", metavar="F",
                    help="also narrow the heads of encoder self-attention (fewer dimensions per head for scores and "
                    "values, so the attention over 1500 frames costs less) until the layers keep this share of their "
-                   "head dims (e.g. 0.7), where the encoder output errs least (default: heads stay whole)")
+                   f"head dims (e.g. 0.8), where the encoder output errs least; 1 or none: heads stay whole "
+                   f"(default: {BUDGET_HEADS} with --budget, else whole)")
     p.add_argument("--energy", default="squared", choices=["linear", "squared"],
                    help="rank energy: squared singular values (default, the paper) or singular values (linear)")
     p.add_argument("--granule", type=int, default=16, choices=[8, 16], help="ranks are multiples of this")

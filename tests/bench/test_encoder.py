@@ -118,6 +118,20 @@ def test_cli_quantize_int8_times_int8_models(capsys, tiny_model, encoder_stats):
     # the models timed are int8 copies: the down halves int8, the up halves (fed by PCA coordinates) float
     fc1 = seen["model"].model.encoder.layers[0].fc1
     assert seen["model"] is not slim and is_quantized_linear(fc1.down) and type(fc1.up) is torch.nn.Linear
+    assert result["attention_path"] == "auto"
+
+
+def test_cli_attention_path_reaches_every_low_rank_attention(capsys, tiny_model, encoder_stats):
+    """--attention-path sets the model's path; the baseline (here the same model, loaded again) keeps auto."""
+    config = LowRankConfig(rank=8, granule=8)
+    models = {"MODEL": sw.convert(tiny_model, config, calibration=encoder_stats),
+              "BASE": sw.convert(tiny_model, config, calibration=encoder_stats)}
+    with mock.patch("slimwhisper.bench.encoder.load_for_bench", side_effect=lambda name, *a: models[name]):
+        code = main(["bench", "encoder", "MODEL", "--baseline", "BASE", "--attention-path", "standard", "--repeats",
+                     "1", "--warmup", "0", "--profile-passes", "0", "--device", "cpu", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["attention_path"] == "standard"
+    paths = {name: {layer.self_attn.attention_path for layer in m.model.encoder.layers} for name, m in models.items()}
+    assert paths == {"MODEL": {"standard"}, "BASE": {"auto"}}
 
 
 def test_cli_quantize_on_a_gpu_is_one_line_before_loading(capsys):

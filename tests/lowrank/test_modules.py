@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperEncoderLayer
 
 import slimwhisper as sw
 from slimwhisper.lowrank import (
@@ -38,6 +38,29 @@ def test_reduced_attention_equals_two_linear_path(tiny_model, encoder_stats):
         attn2.attention_path = "reduced"
         red = attn2(x)[0]
     torch.testing.assert_close(red, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_head_dim_attention_skips_hf_copies_and_equals_the_hf_path(tiny_model, encoder_stats, monkeypatch):
+    """At ranks where the rank space does not pay, "auto" still runs its own SDPA call on strided head views
+    (not HF's path, which copies q, k, v and the output), and gives HF's result; with a mask it defers to HF."""
+    slim = sw.convert(tiny_model, EXACT, calibration=encoder_stats).eval()
+    attn = slim.model.encoder.layers[0].self_attn
+    assert attn.reduced_plan(1500) == (False, False)
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        attn.attention_path = "standard"
+        ref = attn(x)[0]
+        attn.attention_path = "auto"
+        calls = []
+        hf_forward = WhisperAttention.forward
+        monkeypatch.setattr(WhisperAttention, "forward", lambda *a, **k: calls.append(1) or hf_forward(*a, **k))
+        lean = attn(x)[0]
+        assert not calls
+        masked = attn(x, attention_mask=torch.zeros(2, 1, 50, 50))[0]
+        assert calls
+    torch.testing.assert_close(lean, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(masked, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_blocked_mlp_equals_the_full_width_pass_and_survives_a_reload(tiny_model, encoder_stats, monkeypatch,

@@ -100,6 +100,7 @@ def test_a_missing_validation_set_is_one_line(capsys, tmp_path):
     code, _, err = cli(capsys, "finetune", str(slim_dir), "--train", str(write_clips(tmp_path / "t", n=2)), "--out",
                        str(tmp_path / "o"), "--validation", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "validation data" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made
 
 
 def test_recorded_calibration_that_is_not_a_dataset_turns_the_check_off(capsys, caplog, tmp_path):

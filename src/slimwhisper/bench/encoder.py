@@ -20,7 +20,9 @@ halves of every `LowRankLinear`), attention (SDPA, and the rank-space products a
 layer_norm, conv, copies and other, "total" (their sum) and "wall" (the profiled pass's wall time: the
 rest is Python between ops and the profiler's own cost). One op's time swings widely when other
 processes share the cores (a thread of the op's team waits for its core), so on a busy machine profile
-several passes, or run with fewer --threads.
+several passes, or run with fewer --threads. `--attention-path standard` runs the model's low-rank attention
+through HF's attention path instead of its own SDPA call (`WhisperLowRankAttention.attention_path`) while the
+baseline keeps its default: a model timed against itself that way shows what the call buys apart from the ranks.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from torch import nn
 from ..cliargs import add_batch_size, add_model, resolve_device
 from ..engine.quantize import QUANTIZE_CHOICES, is_quantized_linear, quantize
 from ..errors import SlimWhisperError
-from ..lowrank.modules import LowRankLinear
+from ..lowrank.modules import ATTENTION_PATHS, LowRankLinear, WhisperLowRankAttention
 from ..roofline import MachinePeaks, encoder_roofline, measure_peaks
 from .common import add_model_run_args, finish_model_run, interleaved_times, load_for_bench, median_ms, set_threads
 
@@ -65,6 +67,13 @@ def encoder_params(model: nn.Module) -> int:
         else:
             total += sum(p.numel() for p in module.parameters(recurse=False))
     return total
+
+
+def set_attention_path(model: nn.Module, path: str) -> None:
+    """Every low-rank attention module of `model` runs on `path` (`WhisperLowRankAttention.attention_path`)."""
+    for module in model.modules():
+        if isinstance(module, WhisperLowRankAttention):
+            module.attention_path = path
 
 
 def op_part(name: str) -> str | None:
@@ -231,6 +240,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantise both models as the engine does (int8 linears, CPU) before timing")
+    p.add_argument("--attention-path", choices=ATTENTION_PATHS, default="auto",
+                   help="how the model's low-rank attention runs (default auto; standard: HF's attention path); "
+                        "the baseline keeps auto, so MODEL against itself shows what the module's own path buys")
     p.add_argument("--profile-passes", type=int, default=1,
                    help="profiled passes per model after the timed ones; each part's median is reported (0: none)")
     add_model_run_args(p)
@@ -264,10 +276,12 @@ def run(args: argparse.Namespace) -> int:
     models = {"model": load_for_bench(args.model, args.device, args.dtype)}
     if args.baseline:
         models = {"baseline": load_for_bench(args.baseline, args.device, args.dtype), **models}
+    set_attention_path(models["model"], args.attention_path)  # the baseline keeps the default
     if args.quantize:
         models = {k: quantize(m, args.quantize) for k, m in models.items()}
     result = bench_encoder(models, args.batch_size, args.repeats, args.warmup, profile_passes=args.profile_passes)
     result["quantize"] = args.quantize
+    result["attention_path"] = args.attention_path
     if finish_model_run(result, args, threads):
         return 0
     print("\n".join(summary_lines(result)))

@@ -30,6 +30,9 @@ PROBE_WINDOWS = 4
 
 # The audio frames' share of each padded calibration window's weight (`LowRankConfig.audio_weight`).
 AUDIO_WEIGHT = 0.8
+# The share of head dims `compress-encoder --budget` keeps when --attention-budget is not given: the linears
+# cannot touch the attention over 1500 frames, which caps what a budget buys (docs/lowrank.md, "Narrow heads").
+BUDGET_HEADS = 0.9
 
 # Presets per energy mode: (theta_attn, theta_mlp). "a" = quality, "b" = balanced, "c" = efficiency.
 # Squared energy: the LiteASR paper/code values (0.999 everywhere; the code default 0.99:0.999; a lower
@@ -76,7 +79,8 @@ class LowRankConfig(Recipe):
         attention_budget: after the linears are factorised, narrow the heads of encoder self-attention (fewer
             dimensions per head for scores and values) until the layers keep this share (0-1) of their summed
             head dims, in the layers where the encoder output's error grows least per dimension given up
-            (`heads.py`); None (the default) keeps every head whole. Needs q/k/v among the targets.
+            (`heads.py`); None (the default here) keeps every head whole; `compress-encoder --budget` passes
+            `BUDGET_HEADS` unless told otherwise. Needs q/k/v among the targets.
         dense_if_no_saving: keep a layer dense when the factorisation is not smaller (always on in
             practice; off only to test exactness of full-rank factorisations).
         version: format version of this recipe.

@@ -4,10 +4,12 @@
 PCA-corrected bias. `WhisperLowRankAttention` is a `WhisperAttention` whose projections may be
 low-rank; for encoder self-attention without mask, cache or recorded weights it computes scores and
 values in the reduced dimension (paper Eq. 12 and 16) when that takes fewer FLOPs and keeps q, k and v
-at one head dim (so the fused SDPA kernel still applies), and otherwise runs the ordinary HF
-attention path (any attention backend). Its heads may also be narrowed (`narrow`: fewer dimensions per head
-for scores and values, so the L^2 terms shrink too). `WhisperLowRankEncoderLayer` is a `WhisperEncoderLayer` whose
-MLP, when low-rank, runs in row blocks at inference (see its docstring).
+at one head dim (so the fused SDPA kernel still applies), and otherwise the same attention in the head
+dim with one SDPA call on strided views of the projections. Anything else (cross-attention, a cache, a
+mask, recorded weights) runs the ordinary HF attention path (any attention backend). Its heads may also be
+narrowed (`narrow`: fewer dimensions per head for scores and values, so the L^2 terms shrink too).
+`WhisperLowRankEncoderLayer` is a `WhisperEncoderLayer` whose MLP, when low-rank, runs in row blocks at
+inference (see its docstring).
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class WhisperLowRankAttention(WhisperAttention):
     """Whisper attention whose q/k/v/out projections may be `LowRankLinear`; see the module docstring.
 
     `attention_path`: "auto" (by FLOP count, keeping the fused kernel; the default), "reduced" (always
-    when the projections allow it) or "standard" (always the two-linear path through HF attention).
+    when the projections allow it) or "standard" (always the two-linear path through HF attention, the
+    reference the others are tested against).
     """
 
     attention_path: str = "auto"
@@ -117,15 +120,19 @@ class WhisperLowRankAttention(WhisperAttention):
             or self.is_causal
             or (self.training and self.dropout > 0)
         )
-        scores, values = (False, False) if plain else self.reduced_plan(hidden_states.shape[1])
-        if not (scores or values):
+        if plain or self.attention_path == "standard":
             return super().forward(
                 hidden_states, key_value_states, past_key_values, attention_mask, output_attentions, **kwargs
             )
-        return self.reduced_forward(hidden_states, scores, values), None
+        return self.reduced_forward(hidden_states, *self.reduced_plan(hidden_states.shape[1])), None
 
     def reduced_forward(self, x: torch.Tensor, reduce_scores: bool, reduce_values: bool) -> torch.Tensor:
-        """Self-attention over x [B, L, d] with scores and/or values in the projections' rank space."""
+        """Self-attention over x [B, L, d] with scores and/or values in the projections' rank space.
+
+        With neither reduced it is the two-linear path without HF's copies: the heads stay strided views of
+        the projections' outputs (SDPA reads them as they are), and the softmax scale goes to SDPA instead
+        of a separate multiply of the queries.
+        """
         batch, length, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         split = lambda t: t.view(batch, length, heads, head_dim).transpose(1, 2)  # noqa: E731

@@ -119,13 +119,14 @@ def run(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
-    from .pipeline import RecoveryJob, recorded, recover
+    from .pipeline import RecoveryJob, recorded, recover, validation_source
 
     warn_single_process_launch()
     config = config_from_args(args, recorded(args.model, "compression"))
     for source in args.train:
         if not Path(source).expanduser().exists():
             raise SlimWhisperError(f"training data {source} does not exist; give a manifest.jsonl or dataset folder")
+    validation_source(args.validation, None)  # a named path that is not there is refused before --out is made
     output_folder(args.out)  # a file, or a folder that cannot be made, is refused before any work
     train = args.train[0] if len(args.train) == 1 else list(args.train)
     job = RecoveryJob(model=args.model, train=train, out=args.out, config=config, control=args.control,
