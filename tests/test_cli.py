@@ -212,8 +212,10 @@ def test_real_tiny_en_cli_compress_info_and_reload(capsys, tmp_path):
     targets = ["self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.out_proj,fc2"]
     code = main(["compress-encoder", "tiny.en", "--preset", "b", "--calibration-limit", "2", "--targets", *targets,
                  "--out", str(out), "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads(printed.out)
+    assert summary["attention_flops_kept"] == 1.0 and 0 < summary["linear_flops_kept"] < 1  # a preset: whole heads
     assert (out / STATS_FILE).is_file() and (out / "model.safetensors").is_file()
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

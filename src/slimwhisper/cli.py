@@ -156,7 +156,8 @@ def cmd_compress_encoder(args: argparse.Namespace) -> int:
     enc = summary["encoder_params"]
     print(json.dumps({"out": str(out), "encoder_params": enc, "encoder_ratio": enc["compressed"] / enc["original"],
                       "compressed_linears": len(summary["lowrank"]["ranks"]),
-                      "linear_flops_kept": summary["lowrank"]["linear_flops_kept"]}))
+                      "linear_flops_kept": summary["lowrank"]["linear_flops_kept"],
+                      "attention_flops_kept": summary["lowrank"]["attention_flops_kept"]}))
     return 0
 
 
